@@ -1,0 +1,3 @@
+from crlnseg.cli.app import main
+
+main()

@@ -1,0 +1,106 @@
+"""The ``crlnseg`` Typer app: registers the commands and maps errors to exit statuses.
+
+Known errors (:class:`crlnseg.errors.CrlnsegError`) become one red line on stderr and their exit
+status (2 for bad input, 1 for runtime failures); a traceback appears only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import typer
+
+from crlnseg import __version__
+
+__all__ = ["app", "main", "handle_errors", "state"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="crlnseg",
+    help="Semi-supervised 3D medical image segmentation with Cooperative Rectification Learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"crlnseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+) -> None:
+    state["debug"] = debug
+
+
+def fail(message: str, code: int) -> None:
+    """Print one line on stderr and exit with ``code``."""
+    from crlnseg.console import console
+
+    if console.is_terminal:
+        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    else:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Wrap a command: known errors -> one line + exit status; others -> exit 1."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from crlnseg.errors import CrlnsegError
+
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except CrlnsegError as err:
+            if state["debug"]:
+                raise
+            fail(str(err).splitlines()[0] if str(err) else type(err).__name__, err.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except MemoryError:
+            if state["debug"]:
+                raise
+            fail("out of memory: try a smaller patch or batch, or --amp on CUDA", 1)
+        except Exception as err:  # noqa: BLE001 - the CLI boundary
+            if state["debug"]:
+                raise
+            text = str(err).splitlines()[0] if str(err) else ""
+            fail(f"{type(err).__name__}: {text} (run with --debug for the traceback)", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def not_implemented(name: str) -> None:
+    fail(f"'{name}' is not implemented yet", 1)
+
+
+def _register() -> None:
+    # Each module defines ``register(app)``; importing them is cheap (no torch at import time).
+    from crlnseg.cli import demo, evaluate, predict, prepare, rectify, train
+
+    for module in (prepare, train, rectify, predict, evaluate, demo):
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,46 @@
+"""Error kinds. The CLI maps each to a one-line message and an exit status.
+
+Library code raises these with a message that names the file or case and the problem, e.g.
+``DataError(f"{path}: label shape {lab.shape} != image shape {img.shape}")``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CrlnsegError", "DataError", "ConfigError", "OutputExistsError", "CheckpointError",
+           "RunFailure"]
+
+
+class CrlnsegError(Exception):
+    """Base class; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class DataError(CrlnsegError):
+    """Bad input data: unreadable, wrong shape/geometry/values, missing cases (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(CrlnsegError):
+    """Invalid settings or options (exit 2)."""
+
+    exit_code = 2
+
+
+class OutputExistsError(CrlnsegError):
+    """An output exists and ``--overwrite`` was not given, or the output is not writable (exit 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(CrlnsegError):
+    """Missing, foreign or incompatible checkpoint (exit 2)."""
+
+    exit_code = 2
+
+
+class RunFailure(CrlnsegError):
+    """A runtime failure such as running out of memory (exit 1)."""
+
+    exit_code = 1

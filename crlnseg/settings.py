@@ -1,0 +1,153 @@
+"""All settings, as pydantic models, in one place.
+
+Every hyper-parameter of ``METHOD.md`` is a field here with the reference's default and a one-line
+description. A run saves its resolved :class:`RunSettings` (``settings.json`` in the run folder and
+inside every checkpoint). Presets are data (:data:`PRESETS`), applied as nested overrides.
+Axis convention everywhere: arrays are ``(X, Y, Z)`` (channels first when present), the same order
+as NIfTI voxel indices; "in-plane" means X and Y.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Strict",
+    "PrepareSettings",
+    "ModelSettings",
+    "MethodSettings",
+    "AugmentSettings",
+    "OptimSettings",
+    "TrainSettings",
+    "RunSettings",
+    "PRESETS",
+]
+
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, so a typo in a settings file is caught."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrepareSettings(Strict):
+    """How raw scans become the training cache (``crlnseg prepare``)."""
+
+    target_spacing: Triple | None = Field(None, description="resample to this spacing in mm (X Y Z); None keeps each case's spacing")
+    normalize: Literal["zscore", "ct", "minmax", "none"] = Field("zscore", description="per-case intensity normalisation")
+    ct_window: tuple[float, float] = Field((-1000.0, 1000.0), description="clip window (HU) for normalize=ct")
+    crop_nonzero: bool = Field(False, description="crop each case to the bounding box of its non-zero image voxels")
+    h5_spacing: Triple = Field((1.0, 1.0, 1.0), description="spacing assumed for HDF5 cases, which store none")
+
+
+class ModelSettings(Strict):
+    """Backbone and CRLN modules (paper Sec. 3)."""
+
+    backbone: Literal["vnet", "unet"] = Field("vnet", description="V-Net (LA, Pancreas) or 3D U-Net variant (BraTS)")
+    in_channels: int = Field(1, ge=1, description="input channels (modalities)")
+    num_classes: int = Field(2, ge=2, description="classes C including background")
+    base_filters: int = Field(16, ge=2, description="filters of the first backbone level")
+    dropout: bool = Field(True, description="dropout in the decoder as in the reference V-Net")
+    prototypes_per_class: int = Field(16, ge=1, description="R, prototypes per class")
+    prototype_dim: int = Field(64, ge=4, description="F, prototype (and embedding) width")
+
+
+class MethodSettings(Strict):
+    """The training method and its loss weights (paper Sec. 2, 4, 5)."""
+
+    method: Literal["crln", "mean-teacher", "supervised"] = Field("crln", description="crln, plain mean teacher, or labelled data only")
+    rectify: bool = Field(True, description="rectify pseudo-labels with the relationship map M(x) (crln only)")
+    positive_supervision: bool = Field(True, description="collaborative positive supervision loss (crln only)")
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="EMA teacher decay cap; decay = min(1 - 1/(t+1), cap)")
+    warmup_fraction: float = Field(0.02, ge=0, le=1, description="share of iterations with plain (unrectified) pseudo-labels")
+    weak_threshold: float = Field(0.7, ge=0, le=1, description="teacher confidence for a voxel to be valid in positive supervision")
+    confidence_threshold: float = Field(0.97, ge=0, le=1, description="confidence of a reliable pseudo-label (unsup. weight) and of a certain anchor")
+    anchors: int = Field(256, ge=1, description="anchors sampled per class in positive supervision")
+    negatives: int = Field(512, ge=1, description="negatives per anchor in positive supervision")
+    temperature: float = Field(0.5, gt=0, description="InfoNCE temperature")
+    xi: float = Field(0.6, ge=0, description="xi, weight of the prototype summary in the unassertive positive key")
+    w_relation: float = Field(0.5, ge=0, description="weight of (CE + Dice)(M(x_l), y)")
+    w_supervised: float = Field(0.5, ge=0, description="weight of (CE + Dice)(f(x_l), y)")
+    w_unsup: float = Field(0.5, ge=0, description="weight of the pseudo-label loss L_unsup")
+    w_cps: float = Field(0.5, ge=0, description="weight of the positive-supervision loss")
+    mu_lr: float = Field(2.5e-3, gt=0, description="learning rate of mu's own optimiser")
+
+
+class AugmentSettings(Strict):
+    """Weak and strong views (METHOD.md Sec. 1)."""
+
+    weak_intensity: tuple[float, float] = Field((0.75, 1.25), description="weak view intensity scale range")
+    rescale: tuple[float, float] = Field((0.5, 1.5), description="strong view in-plane rescale range")
+    cutmix_beta: float = Field(4.0, gt=0, description="lambda ~ Beta(b, b) for the CutMix box")
+    intensity: tuple[float, float] = Field((0.75, 1.25), description="strong view intensity scale range")
+    intensity_p: float = Field(0.8, ge=0, le=1, description="probability of the strong intensity scale")
+    noise_sigma: float = Field(0.1, ge=0, description="Gaussian noise sigma")
+    noise_clip: float = Field(0.2, ge=0, description="noise clipped to +-this")
+    noise_p: float = Field(0.5, ge=0, le=1, description="probability of noise")
+    flip_p: float = Field(0.5, ge=0, le=1, description="probability of the strong rot90/flip")
+
+
+class OptimSettings(Strict):
+    """SGD with poly decay (METHOD.md Sec. 5)."""
+
+    lr: float = Field(2.5e-3, gt=0, description="initial learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay")
+    poly_power: float = Field(0.9, ge=0, description="lr = lr0 * (1 - t/T) ** power")
+
+
+class TrainSettings(Strict):
+    """The loop around one CRLN iteration (``crlnseg train``)."""
+
+    iterations: int = Field(40000, ge=1, description="training iterations")
+    patch: IntTriple = Field((112, 112, 80), description="crop size X Y Z (multiples of 16)")
+    batch_labelled: int = Field(2, ge=1, description="labelled crops per iteration (per process)")
+    batch_unlabelled: int = Field(2, ge=0, description="unlabelled crops per iteration (per process)")
+    foreground_oversample: float = Field(0.33, ge=0, le=1, description="share of labelled crops centred on foreground")
+    seed: int = Field(1337, description="random seed")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
+    channels_last: bool = Field(False, description="channels-last 3D memory format on CUDA")
+    num_workers: int = Field(2, ge=0, description="data loader worker processes")
+    log_every: int = Field(20, ge=1, description="iterations between metrics.jsonl lines")
+    checkpoint_every: int = Field(1000, ge=1, description="iterations between periodic checkpoints")
+    val_every: int = Field(1000, ge=1, description="iterations between validations (with --val)")
+
+
+class RunSettings(Strict):
+    """Everything a training run needs; saved with the run and inside every checkpoint."""
+
+    prepare: PrepareSettings = Field(default_factory=PrepareSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    method: MethodSettings = Field(default_factory=MethodSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+
+# Presets: nested overrides of RunSettings (METHOD.md Sec. 2-5 and 6).
+PRESETS: dict[str, dict[str, Any]] = {
+    "la8": {"model": {"prototypes_per_class": 16}, "method": {"xi": 0.6, "w_cps": 0.5},
+            "train": {"patch": (112, 112, 80)}},
+    "la16": {"model": {"prototypes_per_class": 16}, "method": {"xi": 0.9, "w_cps": 0.5},
+             "train": {"patch": (112, 112, 80)}},
+    "pancreas6": {"model": {"prototypes_per_class": 4}, "method": {"xi": 0.6, "w_cps": 1.0},
+                  "train": {"patch": (96, 96, 96)}},
+    "pancreas12": {"model": {"prototypes_per_class": 16}, "method": {"xi": 0.3, "w_cps": 0.5},
+                   "train": {"patch": (96, 96, 96)}},
+    "brats25": {"model": {"backbone": "unet", "prototypes_per_class": 4}, "method": {"xi": 0.1},
+                "train": {"patch": (96, 96, 96)}},
+    "brats50": {"model": {"backbone": "unet", "prototypes_per_class": 8}, "method": {"xi": 1.0},
+                "train": {"patch": (96, 96, 96)}},
+    # Small enough for a laptop CPU; see benchmarks/RESULTS.md for what it reaches on LA.
+    "cpu": {"model": {"base_filters": 8, "prototypes_per_class": 8, "prototype_dim": 32},
+            "train": {"patch": (64, 64, 32), "iterations": 1000, "num_workers": 1,
+                      "checkpoint_every": 250, "val_every": 250, "log_every": 10},
+            "method": {"warmup_fraction": 0.1}},
+}
