@@ -1,0 +1,1 @@
+"""Datasets: case discovery, preprocessing, the prepared cache (manifest) and sampling."""

@@ -1,0 +1,188 @@
+"""Find the cases of a dataset folder: which image files (channels) and which label make a case.
+
+Layouts, detected in this order:
+
+(b) nnU-Net / MSD: ``imagesTr/`` (+ ``labelsTr/``) and/or ``imagesTs/``; channel files
+    ``<ID>_0000.nii.gz``, ``<ID>_0001.nii.gz``... (``dataset.json`` is optional and not needed).
+(a) ``images/`` + ``labels/`` with the same file names (labels optional per case).
+(c) a flat folder of images (unlabelled) and/or flat HDF5 files.
+(d) a folder of HDF5 cases ``<ID>/mri_norm2.h5`` (datasets ``image`` and ``label``); a case folder
+    holding one ``.h5`` file is itself accepted. The label lives inside the file, so
+    ``CaseFiles.label`` is the ``.h5`` path itself (see :attr:`CaseFiles.label_in_image`).
+
+Case IDs come from file names without extension and channel suffix; results are sorted by ID.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from crlnseg.errors import DataError
+from crlnseg.io.paths import channel_index, is_h5_file, is_image_file, split_suffix, strip_channel
+
+__all__ = ["CaseFiles", "discover_cases", "discover_single", "h5_has_label"]
+
+
+@dataclass
+class CaseFiles:
+    id: str
+    images: list[Path]  # one file per channel, in channel order
+    label: Path | None = None  # for HDF5 cases: the .h5 file itself (label stored inside)
+
+    @property
+    def label_in_image(self) -> bool:
+        """True when the label is a dataset inside the image file (HDF5 cases)."""
+        return self.label is not None and self.label in self.images
+
+
+def discover_cases(folder: Path, require_labels: bool = False) -> list[CaseFiles]:
+    """All cases under ``folder`` (sorted by ID); :class:`DataError` if none or inconsistent."""
+    folder = Path(folder)
+    if folder.is_file():
+        cases = [discover_single(folder)]
+    elif not folder.is_dir():
+        raise DataError(f"{folder}: no such file or folder")
+    elif (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir():
+        cases = _nnunet(folder)
+    elif (folder / "images").is_dir():
+        cases = _paired(folder / "images", folder / "labels")
+    else:
+        cases = _flat(folder) or _h5_folders(folder)
+    if not cases:
+        raise DataError(f"{folder}: no cases found (expected images/ + labels/, imagesTr/, "
+                        "image files, or <ID>/mri_norm2.h5 folders)")
+    _check_channels(cases)
+    if require_labels:
+        missing = [c.id for c in cases if c.label is None]
+        if missing:
+            raise DataError(f"{folder}: {len(missing)} case(s) without a label, e.g. {missing[0]}")
+    return sorted(cases, key=lambda c: c.id)
+
+
+def discover_single(path: Path) -> CaseFiles:
+    """One image file (or one HDF5 case file) as a case; the ID comes from its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if is_h5_file(path):
+        return _h5_case(path)
+    if not is_image_file(path):
+        raise DataError(f"{path}: not a supported image (.nii, .nii.gz, .nrrd, .mha, .mhd, .h5)")
+    return CaseFiles(id=strip_channel(split_suffix(path)[0]), images=[path])
+
+
+def h5_has_label(path: Path) -> bool:
+    """Whether an HDF5 case file holds a ``label`` dataset."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "label" in f
+    except OSError as err:
+        raise DataError(f"{path}: unreadable HDF5 file ({err})") from None
+
+
+def _h5_case(path: Path) -> CaseFiles:
+    # Community layout <ID>/mri_norm2.h5: the folder names the case; otherwise the file does.
+    stem = split_suffix(path)[0]
+    case_id = path.parent.name if stem == "mri_norm2" else stem
+    return CaseFiles(id=case_id, images=[path], label=path if h5_has_label(path) else None)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
+
+
+def _group_images(files: list[Path], split_channels: bool) -> dict[str, list[Path]]:
+    """Case ID -> channel files; channel suffixes are honoured when ``split_channels``."""
+    by_case: dict[str, dict[int, Path]] = defaultdict(dict)
+    for path in files:
+        stem = split_suffix(path)[0]
+        channel = channel_index(stem) if split_channels else None
+        case_id = strip_channel(stem) if channel is not None else stem
+        key = channel if channel is not None else 0
+        if key in by_case[case_id]:
+            raise DataError(f"{path}: duplicate case ID '{case_id}' (also {by_case[case_id][key]})")
+        by_case[case_id][key] = path
+    result = {}
+    for case_id, channels in by_case.items():
+        if sorted(channels) != list(range(len(channels))):
+            raise DataError(f"{channels[min(channels)]}: case '{case_id}' has channels "
+                            f"{sorted(channels)}, expected 0..{len(channels) - 1}")
+        result[case_id] = [channels[i] for i in range(len(channels))]
+    return result
+
+
+def _match_labels(images: dict[str, list[Path]], labels: list[Path]) -> dict[str, Path]:
+    """Label file per case ID; a label whose case has no image is an error."""
+    matched: dict[str, Path] = {}
+    for path in labels:
+        stem = split_suffix(path)[0]
+        case_id = stem if stem in images else strip_channel(stem)
+        if case_id not in images:
+            raise DataError(f"{path}: label without image (no case '{case_id}')")
+        if case_id in matched:
+            raise DataError(f"{path}: duplicate label for case '{case_id}' "
+                            f"(also {matched[case_id]})")
+        matched[case_id] = path
+    return matched
+
+
+def _paired(images_dir: Path, labels_dir: Path) -> list[CaseFiles]:
+    files = _files(images_dir)
+    split = bool(files) and all(channel_index(split_suffix(p)[0]) is not None for p in files)
+    images = _group_images(files, split_channels=split)
+    labels = _match_labels(images, _files(labels_dir))
+    return [CaseFiles(cid, paths, labels.get(cid)) for cid, paths in images.items()]
+
+
+def _nnunet(folder: Path) -> list[CaseFiles]:
+    train = _group_images(_files(folder / "imagesTr"), split_channels=True)
+    test = _group_images(_files(folder / "imagesTs"), split_channels=True)
+    for case_id in sorted(train.keys() & test.keys()):
+        raise DataError(f"{test[case_id][0]}: duplicate case ID '{case_id}' "
+                        f"(also {train[case_id][0]})")
+    labels = _match_labels(train, _files(folder / "labelsTr"))
+    cases = [CaseFiles(cid, paths, labels.get(cid)) for cid, paths in train.items()]
+    return cases + [CaseFiles(cid, paths, None) for cid, paths in test.items()]
+
+
+def _flat(folder: Path) -> list[CaseFiles]:
+    files = _files(folder)
+    split = bool(files) and all(channel_index(split_suffix(p)[0]) is not None for p in files)
+    cases = [CaseFiles(cid, paths) for cid, paths in _group_images(files, split).items()]
+    cases += [_h5_case(p) for p in sorted(folder.iterdir())
+              if p.is_file() and is_h5_file(p) and not p.name.startswith(".")]
+    return _unique(cases)
+
+
+def _h5_folders(folder: Path) -> list[CaseFiles]:
+    cases = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = sorted(p for p in sub.iterdir() if p.is_file() and is_h5_file(p))
+        if len(found) > 1:
+            raise DataError(f"{sub}: {len(found)} HDF5 files in one case folder, expected one")
+        if found:
+            cases.append(_h5_case(found[0]))
+    return _unique(cases)
+
+
+def _unique(cases: list[CaseFiles]) -> list[CaseFiles]:
+    seen: dict[str, CaseFiles] = {}
+    for case in cases:
+        if case.id in seen:
+            raise DataError(f"{case.images[0]}: duplicate case ID '{case.id}' "
+                            f"(also {seen[case.id].images[0]})")
+        seen[case.id] = case
+    return cases
+
+
+def _check_channels(cases: list[CaseFiles]) -> None:
+    counts = {len(c.images) for c in cases}
+    if len(counts) > 1:
+        first = cases[0]
+        odd = next(c for c in cases if len(c.images) != len(first.images))
+        raise DataError(f"{odd.images[0]}: case '{odd.id}' has {len(odd.images)} channel file(s) "
+                        f"but case '{first.id}' has {len(first.images)}")
