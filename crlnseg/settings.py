@@ -22,6 +22,7 @@ __all__ = [
     "OptimSettings",
     "TrainSettings",
     "RunSettings",
+    "PredictSettings",
     "PRESETS",
 ]
 
@@ -129,6 +130,21 @@ class RunSettings(Strict):
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+
+
+class PredictSettings(Strict):
+    """Sliding-window inference (``crlnseg predict`` and ``crlnseg rectify``)."""
+
+    mode: Literal["gaussian", "uniform"] = Field("gaussian", description="patch blending: Gaussian importance (sigma = patch/8) or uniform average")
+    overlap: float = Field(0.5, ge=0, lt=1, description="overlap between neighbouring patches (share of the patch) when no stride is given")
+    stride: IntTriple | None = Field(None, description="explicit patch stride X Y Z in voxels (literature LA protocol: 18 18 4); overrides overlap")
+    patch: IntTriple | None = Field(None, description="patch size X Y Z; None uses the training patch of the run")
+    batch_size: int = Field(2, ge=1, description="patches per forward pass")
+    tta: bool = Field(False, description="test-time augmentation: mean softmax over the 8 flips of X, Y, Z")
+    rectify: bool = Field(True, description="output softmax(f + (1 - mu) * M) of the EMA model; False: softmax(f)")
+    keep_largest: bool = Field(False, description="keep the largest connected component of each class")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
 
 
 # Presets: nested overrides of RunSettings (METHOD.md Sec. 2-5 and 6).
