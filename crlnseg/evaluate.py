@@ -1,0 +1,346 @@
+"""`evaluate`: per-case, per-class Dice/Jaccard/HD95/ASD of predicted masks against ground truth.
+
+Cases are matched by ID (the discovery rules of ``prepare``; each mask file is a case). Before any
+metric, each pair must agree in shape and geometry (spacing, origin, direction within 1e-4) and hold
+integer labels, else :class:`DataError` naming the case. Distances are in mm (GT spacing) unless
+``voxel_units``. Default classes: every non-zero label found in any ground-truth case (union over
+cases), so each case reports the same classes. Empty-mask rules: see :mod:`crlnseg.metrics`.
+The summary per class and metric holds mean, population std (ddof=0, as ``numpy.std``), median, n
+and, with ``bootstrap`` > 0, a seeded percentile-bootstrap 95% interval of the mean; HD95/ASD
+statistics use defined values only and count the others as ``n_undefined``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from crlnseg.console import track
+from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.metrics import case_metrics
+from crlnseg.settings import Strict
+
+__all__ = ["EvaluateSettings", "Pair", "Report", "evaluate", "evaluate_folders", "evaluate_pair",
+           "evaluate_pairs", "match_cases", "summarize", "bootstrap_ci"]
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+class EvaluateSettings(Strict):
+    """Options of ``crlnseg evaluate``."""
+
+    classes: list[int] | None = Field(
+        None, description="labels to evaluate; None: every non-zero GT label (union over cases)")
+    voxel_units: bool = Field(False, description="distances in voxels (spacing 1) instead of mm")
+    bootstrap: int = Field(
+        0, ge=0, description="bootstrap resamples for the 95% interval of each mean; 0: none")
+    seed: int = Field(0, description="seed of the bootstrap")
+    workers: int = Field(1, ge=1, description="processes computing cases in parallel")
+    allow_missing: bool = Field(
+        False, description="score cases present on one side only as failures instead of stopping")
+
+
+@dataclass(frozen=True)
+class Pair:
+    case: str
+    pred: Path | None
+    gt: Path | None
+
+
+def _read(path: Path, case: str, side: str) -> tuple[np.ndarray, object]:
+    """An integer label array (X, Y, Z) and its geometry; DataError for unreadable/non-integer."""
+    try:
+        volume = _read_image(path)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure is bad input
+        raise DataError(f"case {case}: cannot read {side} mask {path}: {err}") from err
+    array = np.asarray(volume.array)
+    if array.dtype.kind == "b":
+        return array.view(np.uint8), volume.geometry
+    if array.dtype.kind not in "iu":
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise DataError(f"case {case}: {side} mask {path} has non-integer values "
+                            f"(e.g. {array[bad].flat[0]!r}); masks must hold integer labels")
+        array = array.astype(np.int32)
+    return array, volume.geometry
+
+
+def evaluate_pair(pair: Pair, classes: list[int] | None, voxel_units: bool
+                  ) -> tuple[list[dict], list[int]]:
+    """Rows for one case (classes: given, else labels in either mask) and its GT labels."""
+    if pair.pred is None or pair.gt is None:
+        return [], []
+    pred, pred_geometry = _read(pair.pred, pair.case, "prediction")
+    gt, gt_geometry = _read(pair.gt, pair.case, "ground-truth")
+    if pred.shape != gt.shape:
+        raise DataError(f"case {pair.case}: prediction shape {pred.shape} != ground-truth "
+                        f"shape {gt.shape} ({pair.pred})")
+    if not pred_geometry.close_to(gt_geometry, 1e-4):
+        raise DataError(f"case {pair.case}: prediction geometry {pred_geometry} differs from "
+                        f"ground truth {gt_geometry} by more than 1e-4 ({pair.pred})")
+    gt_labels = [int(v) for v in np.unique(gt) if v != 0]
+    if classes is None:
+        classes = sorted(set(gt_labels) | {int(v) for v in np.unique(pred) if v != 0})
+    spacing = None if voxel_units else tuple(gt_geometry.spacing)
+    rows = case_metrics(pred, gt, classes, spacing)
+    return [{"case": pair.case, **row} for row in rows], gt_labels
+
+
+def _run(job: tuple[Pair, list[int] | None, bool]) -> tuple[list[dict], list[int]]:
+    return evaluate_pair(*job)
+
+
+def match_cases(pred_dir: Path, gt_dir: Path, allow_missing: bool) -> list[Pair]:
+    """Pairs of mask files matched by case ID; DataError listing one-sided cases unless allowed."""
+    preds, gts = _discover(pred_dir), _discover(gt_dir)
+    if not gts:
+        raise DataError(f"{gt_dir}: no ground-truth masks found")
+    only_pred, only_gt = sorted(preds.keys() - gts.keys()), sorted(gts.keys() - preds.keys())
+    if (only_pred or only_gt) and not allow_missing:
+        parts = [f"no prediction for {len(only_gt)} case(s): {_names(only_gt)}" if only_gt else "",
+                 f"no ground truth for {len(only_pred)} case(s): {_names(only_pred)}"
+                 if only_pred else ""]
+        raise DataError(f"{pred_dir} vs {gt_dir}: " + "; ".join(p for p in parts if p)
+                        + " (--allow-missing scores them as failures)")
+    cases = sorted(preds.keys() | gts.keys())
+    return [Pair(case, preds.get(case), gts.get(case)) for case in cases]
+
+
+def _names(ids: list[str], limit: int = 10) -> str:
+    more = f" ... (+{len(ids) - limit})" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
+def _failure_rows(case: str, classes: list[int]) -> list[dict]:
+    return [{"case": case, "class": k, "dice": 0.0, "jaccard": 0.0, "hd95": None, "asd": None}
+            for k in classes]
+
+
+def _both_empty_row(case: str, k: int) -> dict:
+    return {"case": case, "class": k, "dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
+
+
+def evaluate_pairs(pairs: list[Pair], settings: EvaluateSettings) -> Report:
+    """Compute every pair (in a process pool with ``workers`` > 1) and summarise."""
+    jobs = [(pair, settings.classes, settings.voxel_units) for pair in pairs]
+    if settings.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(settings.workers, len(jobs))) as pool:
+            results = list(track(pool.map(_run, jobs), "evaluating", total=len(jobs)))
+    else:
+        results = [_run(job) for job in track(jobs, "evaluating")]
+    classes = settings.classes
+    if classes is None:
+        classes = sorted({k for _, labels in results for k in labels})
+    rows = []
+    for pair, (case_rows, _) in zip(pairs, results, strict=True):
+        if pair.pred is None or pair.gt is None:
+            rows += _failure_rows(pair.case, classes)
+            continue
+        by_class = {row["class"]: row for row in case_rows}
+        # A union class absent from both masks of this case was not computed: both empty.
+        rows += [by_class.get(k) or _both_empty_row(pair.case, k) for k in classes]
+    units = "voxel" if settings.voxel_units else "mm"
+    return Report(units, rows, summarize(rows, classes, settings.bootstrap, settings.seed))
+
+
+def evaluate_folders(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
+    """All cases of two folders of masks, matched by case ID."""
+    return evaluate_pairs(match_cases(Path(pred), Path(gt), settings.allow_missing), settings)
+
+
+def evaluate(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
+    """Two mask files (one case, named after the GT file) or two folders."""
+    pred, gt = Path(pred), Path(gt)
+    for path, side in ((pred, "prediction"), (gt, "ground truth")):
+        if not path.exists():
+            raise DataError(f"{path}: {side} path does not exist")
+    if pred.is_dir() and gt.is_dir():
+        return evaluate_folders(pred, gt, settings)
+    if pred.is_dir() or gt.is_dir():
+        raise DataError(f"{pred} and {gt}: give two mask files or two folders, not one of each")
+    return evaluate_pairs([Pair(_case_id(gt), pred, gt)], settings)
+
+
+# --- I/O: the project's reader and discovery when present, else a minimal private fallback ------
+
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def _read_image(path: Path) -> object:
+    try:
+        from crlnseg.io.readers import read_image
+    except ImportError:
+        return _read_image_sitk(path)
+    return read_image(path)
+
+
+def _read_image_sitk(path: Path) -> object:
+    import SimpleITK as sitk
+
+    from crlnseg.io.volume import Geometry, Volume
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image).transpose()  # (Z, Y, X) -> (X, Y, Z)
+    geometry = Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                        tuple(image.GetDirection()))
+    return Volume(array, geometry, Path(path))
+
+
+def _discover(folder: Path) -> dict[str, Path]:
+    """Case ID -> mask file."""
+    try:
+        from crlnseg.data.discovery import discover_cases
+    except ImportError:
+        files = [p for p in sorted(folder.iterdir())
+                 if not p.name.startswith(".") and p.name.lower().endswith(_SUFFIXES)]
+        return {_case_id(p): p for p in files}
+    return {c.id: c.images[0] for c in discover_cases(folder)}
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for suffix in _SUFFIXES + (".h5",):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+# --- summary and report -------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> list[float]:
+    """Percentile-bootstrap 95% interval of the mean, from a generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 1_000_000 // max(values.size, 1))  # bound memory to ~8 MB of indices
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        picks = rng.integers(0, values.size, size=(stop - start, values.size))
+        means[start:stop] = values[picks].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def _stats(values: list[float | None], bootstrap: int, seed: int, distance: bool) -> dict:
+    defined = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    stats: dict = {"mean": None, "std": None, "median": None, "n": int(defined.size),
+                   "ci95": None}
+    if defined.size:
+        stats.update(mean=float(defined.mean()), std=float(defined.std()),
+                     median=float(np.median(defined)))
+        if bootstrap > 0:
+            stats["ci95"] = bootstrap_ci(defined, bootstrap, seed)
+    if distance:
+        stats["n_undefined"] = len(values) - int(defined.size)
+    return stats
+
+
+def summarize(rows: list[dict], classes: list[int], bootstrap: int = 0, seed: int = 0
+              ) -> dict[str, dict]:
+    """``{"<k>": {metric: {mean, std, median, n, ci95[, n_undefined]}}}`` over the cases."""
+    summary = {}
+    for k in classes:
+        mine = [row for row in rows if row["class"] == k]
+        summary[str(k)] = {m: _stats([row[m] for row in mine], bootstrap, seed,
+                                     m in ("hd95", "asd")) for m in METRICS}
+    return summary
+
+
+@dataclass
+class Report:
+    """Per-case rows (``case, class, dice, jaccard, hd95, asd``) and their summary per class."""
+
+    units: str
+    rows: list[dict]
+    summary: dict[str, dict]
+
+    def to_dict(self) -> dict:
+        return {"units": self.units, "cases": self.rows, "summary": self.summary}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def to_csv(self) -> str:
+        """One row per case and class; undefined distances are empty cells."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(("case", "class") + METRICS)
+        for row in self.rows:
+            writer.writerow([row["case"], row["class"]]
+                            + ["" if row[m] is None else repr(row[m]) for m in METRICS])
+        return out.getvalue()
+
+    def to_table(self, color: bool = True, width: int | None = None) -> str:
+        """Rich tables (cases, then summary) rendered to text."""
+        from rich.console import Console
+        from rich.table import Table
+
+        def cell(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        cases = Table(title=f"Per case (distances in {self.units})")
+        for name in ("case", "class") + METRICS:
+            cases.add_column(name, justify="left" if name == "case" else "right")
+        for row in self.rows:
+            cases.add_row(row["case"], str(row["class"]), *(cell(row[m]) for m in METRICS))
+        summary = Table(title="Summary: mean ± std (median) [95% CI]; n/a = undefined")
+        for name in ("class",) + METRICS:
+            summary.add_column(name, justify="right")
+        for k, per_metric in self.summary.items():
+            summary.add_row(k, *(_summary_cell(per_metric[m]) for m in METRICS))
+        import shutil
+
+        text = io.StringIO()
+        width = width or max(shutil.get_terminal_size((120, 24)).columns, 80)
+        console = Console(file=text, force_terminal=color, no_color=not color, width=width,
+                          highlight=False)
+        console.print(cases)
+        console.print(summary)
+        return text.getvalue()
+
+    def render(self, fmt: str, color: bool = False) -> str:
+        if fmt == "json":
+            return self.to_json()
+        if fmt == "csv":
+            return self.to_csv()
+        return self.to_table(color=color)
+
+
+def _summary_cell(s: dict) -> str:
+    if s["mean"] is None:
+        text = "n/a"
+    else:
+        text = f"{s['mean']:.4f} ± {s['std']:.4f} ({s['median']:.4f})"
+        if s["ci95"] is not None:
+            text += f" [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
+    if s.get("n_undefined"):
+        text += f" ({s['n_undefined']} n/a)"
+    return text
+
+
+def write_text(path: Path, text: str, overwrite: bool = False) -> None:
+    """Write atomically (temp file in the same folder, then rename); refuse to overwrite."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: exists (use --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise OutputExistsError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
