@@ -1,0 +1,99 @@
+"""Dynamic Interaction Module (paper Sec. 3.2, METHOD.md Sec. 3): prototypes x features -> M(x).
+
+Stage s (1/4 resolution, width F; then 1/2 resolution, width F/2):
+  tokens      T = LN(conv1(feat)) flattened to N positions                      (B, N, D)
+  interaction A = (W_q LN(P)) (W_k T)^T / sqrt(D)                                (B, C*R, N)
+              P <- P + proj(softmax_N(A) W_v T);  P <- P + MLP(LN(P))          (B, C*R, D)
+  spatial     A normalised per map over positions (per-prototype scale/shift),
+              reshaped to (B*C, R, X, Y, Z) -> depthwise 3^3 -> BN -> ReLU -> 1^3 -> BN -> ReLU
+  aggregation 1x1x1 conv R -> 1: one cue map per class                          (B, C, X, Y, Z)
+Between stages the prototypes move to the next width with a linear map (F -> F/2). The finest
+stage's cue maps pass a class-mixing 1x1x1 conv, a stride-2 transposed conv to the input size and
+a ReLU: M(x) >= 0. The coarse stage shapes M only through the refined prototypes, so it computes
+no cue map (the reference computes one and discards it).
+Departures from the reference: per-map normalisation instead of a LayerNorm over N (no parameter
+depends on the crop size); the update is added to its input and class/prototype axes are
+transposed, not reshaped (the intended operations).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["InteractionStage", "DynamicInteraction"]
+
+
+def normalise_maps(a: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-map standardisation over positions with per-prototype scale and shift: (B, K, N)."""
+    var, mean = torch.var_mean(a, dim=-1, keepdim=True, correction=0)
+    return (a - mean) * (var + eps).rsqrt() * scale[:, None] + shift[:, None]
+
+
+class InteractionStage(nn.Module):
+    """One stage: pairwise interaction, then (if ``spatial``) spatial and prototype aggregation."""
+
+    def __init__(self, in_channels: int, width: int, num_classes: int, per_class: int,
+                 spatial: bool) -> None:
+        super().__init__()
+        self.tokens = nn.Conv3d(in_channels, width, 1)
+        self.token_norm = nn.LayerNorm(width)
+        self.query_norm = nn.LayerNorm(width)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.proj = nn.Linear(width, width)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+        self.num_classes, self.per_class, self.scale = num_classes, per_class, width**-0.5
+        self.spatial: nn.Module | None = None
+        if spatial:
+            k = num_classes * per_class
+            self.map_scale = nn.Parameter(torch.ones(k))
+            self.map_shift = nn.Parameter(torch.zeros(k))
+            r = per_class
+            self.spatial = nn.Sequential(
+                nn.Conv3d(r, r, 3, padding=1, groups=r, bias=False), nn.BatchNorm3d(r),
+                nn.ReLU(inplace=True), nn.Conv3d(r, r, 1, bias=False), nn.BatchNorm3d(r),
+                nn.ReLU(inplace=True))
+            self.aggregate = nn.Conv3d(r, 1, 1)
+
+    def forward(self, protos: Tensor, feat: Tensor) -> tuple[Tensor, Tensor | None]:
+        """protos (B, C*R, D), feat (B, Cin, X, Y, Z) -> refined protos, cues (B, C, X, Y, Z)."""
+        b, _, *size = feat.shape
+        tokens = self.token_norm(self.tokens(feat).flatten(2).transpose(1, 2))  # (B, N, D)
+        q = self.q(self.query_norm(protos))
+        a = (q @ self.k(tokens).transpose(1, 2)) * self.scale  # (B, K, N)
+        update = a.softmax(dim=-1) @ self.v(tokens)
+        protos = protos + self.proj(update)
+        protos = protos + self.mlp(self.mlp_norm(protos))
+        if self.spatial is None:
+            return protos, None
+        a = normalise_maps(a.float(), self.map_scale, self.map_shift).to(feat.dtype)
+        # K = C*R is class-major, so this view is the intended (class, prototype) split.
+        maps = a.reshape(b * self.num_classes, self.per_class, *size)
+        cues = self.aggregate(self.spatial(maps))
+        return protos, cues.reshape(b, self.num_classes, *size)
+
+
+class DynamicInteraction(nn.Module):
+    """M(x) from prototypes P (C, R, F) and decoder features at 1/4 and 1/2 resolution."""
+
+    def __init__(self, num_classes: int, per_class: int, dim: int, quarter_channels: int,
+                 half_channels: int) -> None:
+        super().__init__()
+        half_dim = max(dim // 2, 1)
+        self.coarse = InteractionStage(quarter_channels, dim, num_classes, per_class, spatial=False)
+        self.to_fine = nn.Linear(dim, half_dim)
+        self.fine = InteractionStage(half_channels, half_dim, num_classes, per_class, spatial=True)
+        self.class_mix = nn.Conv3d(num_classes, num_classes, 1)
+        self.upsample = nn.ConvTranspose3d(num_classes, num_classes, 2, stride=2)
+        self.relu = nn.ReLU()
+
+    def forward(self, prototypes: Tensor, feat_quarter: Tensor, feat_half: Tensor) -> Tensor:
+        """-> M(x) >= 0, (B, C, X, Y, Z) with (X, Y, Z) twice the size of ``feat_half``."""
+        b = feat_quarter.shape[0]
+        protos = prototypes.flatten(0, 1).unsqueeze(0).expand(b, -1, -1).to(feat_quarter.dtype)
+        protos, _ = self.coarse(protos, feat_quarter)
+        protos, cues = self.fine(self.to_fine(protos), feat_half)
+        assert cues is not None
+        return self.relu(self.upsample(self.class_mix(cues)))

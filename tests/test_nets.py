@@ -1,0 +1,84 @@
+"""Backbones and the CRLN model: shapes at several input sizes, input checks, inference output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crlnseg.method.crln import build_model, predict_logits
+from crlnseg.nets import NetOutput, build_backbone
+from crlnseg.settings import RunSettings
+
+
+def tiny(**over) -> RunSettings:
+    model = {"base_filters": 4, "prototypes_per_class": 3, "prototype_dim": 8, "num_classes": 3}
+    model.update(over.pop("model", {}))
+    return RunSettings.model_validate({"model": model, **over})
+
+
+@pytest.fixture(scope="module")
+def crln_model():
+    torch.manual_seed(0)
+    return build_model(tiny()).eval()
+
+
+@pytest.mark.parametrize("size", [(32, 32, 32), (64, 48, 32), (112, 112, 80)])
+def test_one_model_many_sizes(crln_model, size):
+    x = torch.randn(1, 1, *size)
+    with torch.no_grad():
+        out = crln_model(x)
+    q = tuple(s // 4 for s in size)
+    h = tuple(s // 2 for s in size)
+    assert out.logits.shape == (1, 3, *size)
+    assert out.relation is not None and out.relation.shape == (1, 3, *size)
+    assert out.embedding is not None and out.embedding.shape == (1, 8, *size)
+    assert out.net.feat_quarter.shape == (1, 16, *q)
+    assert out.net.feat_half.shape == (1, 8, *h)
+    assert (out.relation >= 0).all()
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.relation).all()
+
+
+@pytest.mark.parametrize("backbone", ["vnet", "unet"])
+def test_backbone_output_and_embed_modes(backbone):
+    net = build_backbone(tiny(model={"backbone": backbone, "in_channels": 2}).model).eval()
+    x = torch.randn(2, 2, 32, 16, 48)
+    with torch.no_grad():
+        dense = net(x)
+        hidden = net(x, embed="hidden")
+        none = net(x, embed="none")
+    assert isinstance(dense, NetOutput)
+    assert dense.logits.shape == (2, 3, 32, 16, 48)
+    assert dense.feat_quarter.shape == (2, 16, 8, 4, 12)
+    assert dense.feat_half.shape == (2, 8, 16, 8, 24)
+    assert hidden.embedding is None and none.embed_hidden is None and none.embedding is None
+    # The head projects sampled points exactly as the dense 1x1x1 conv does.
+    rows = hidden.embed_hidden[1, :, 3, 5, 7][None]
+    torch.testing.assert_close(net.head.project_points(rows)[0], dense.embedding[1, :, 3, 5, 7])
+
+
+def test_input_size_not_multiple_of_16_is_rejected():
+    net = build_backbone(tiny().model)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        net(torch.randn(1, 1, 32, 32, 24))
+
+
+def test_baseline_model_has_no_relation_and_predict_is_plain():
+    model = build_model(tiny(method={"method": "mean-teacher"})).eval()
+    assert model.interaction is None and model.prototypes is None
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert out.relation is None
+        torch.testing.assert_close(predict_logits(model, x), out.logits)
+
+
+def test_predict_logits_rectifies_with_mu(crln_model):
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = crln_model(x)
+        crln_model.mu_raw.fill_(0.25)
+        got = predict_logits(crln_model, x)
+        plain = predict_logits(crln_model, x, rectify=False)
+        crln_model.mu_raw.fill_(0.0)
+    torch.testing.assert_close(got, out.logits + 0.75 * out.relation)
+    torch.testing.assert_close(plain, out.logits)
