@@ -26,6 +26,7 @@ from pydantic import Field
 
 from crlnseg.console import track
 from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.io.paths import split_suffix
 from crlnseg.metrics import case_metrics
 from crlnseg.settings import Strict
 
@@ -172,50 +173,6 @@ def evaluate(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
     return evaluate_pairs([Pair(_case_id(gt), pred, gt)], settings)
 
 
-# --- I/O: the project's reader and discovery when present, else a minimal private fallback ------
-
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-
-def _read_image(path: Path) -> object:
-    try:
-        from crlnseg.io.readers import read_image
-    except ImportError:
-        return _read_image_sitk(path)
-    return read_image(path)
-
-
-def _read_image_sitk(path: Path) -> object:
-    import SimpleITK as sitk
-
-    from crlnseg.io.volume import Geometry, Volume
-
-    image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image).transpose()  # (Z, Y, X) -> (X, Y, Z)
-    geometry = Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                        tuple(image.GetDirection()))
-    return Volume(array, geometry, Path(path))
-
-
-def _discover(folder: Path) -> dict[str, Path]:
-    """Case ID -> mask file."""
-    try:
-        from crlnseg.data.discovery import discover_cases
-    except ImportError:
-        files = [p for p in sorted(folder.iterdir())
-                 if not p.name.startswith(".") and p.name.lower().endswith(_SUFFIXES)]
-        return {_case_id(p): p for p in files}
-    return {c.id: c.images[0] for c in discover_cases(folder)}
-
-
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in _SUFFIXES + (".h5",):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 # --- summary and report -------------------------------------------------------------------------
 
 
@@ -278,7 +235,7 @@ class Report:
         writer.writerow(("case", "class") + METRICS)
         for row in self.rows:
             writer.writerow([row["case"], row["class"]]
-                            + ["" if row[m] is None else repr(row[m]) for m in METRICS])
+                            + ["" if row[m] is None else repr(float(row[m])) for m in METRICS])
         return out.getvalue()
 
     def to_table(self, color: bool = True, width: int | None = None) -> str:
@@ -344,3 +301,44 @@ def write_text(path: Path, text: str, overwrite: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --- I/O: the project's reader when present, else a minimal private fallback -------------------
+
+def _read_image(path: Path) -> object:
+    try:
+        from crlnseg.io.readers import read_image
+    except ImportError:
+        return _read_image_sitk(path)
+    return read_image(path)
+
+
+def _read_image_sitk(path: Path) -> object:
+    import SimpleITK as sitk
+
+    from crlnseg.io.volume import Geometry, Volume
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image).transpose()  # (Z, Y, X) -> (X, Y, Z)
+    geometry = Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                        tuple(image.GetDirection()))
+    return Volume(array, geometry, Path(path))
+
+
+def _discover(folder: Path) -> dict[str, Path]:
+    """Case ID -> mask file, by the discovery rules of ``prepare``."""
+    from crlnseg.data.discovery import discover_cases
+
+    cases = discover_cases(folder)
+    if any(len(c.images) > 1 for c in cases):
+        # A mask is one file: names such as "case_0001.nii.gz" were read as channels of "case".
+        return {split_suffix(p)[0]: p for c in cases for p in c.images}
+    # A dataset folder (images/ + labels/) gives its label files; a folder of masks its "images".
+    return {c.id: c.label if c.label is not None and not c.label_in_image else c.images[0]
+            for c in cases}
+
+
+def _case_id(path: Path) -> str:
+    from crlnseg.data.discovery import discover_single
+
+    return discover_single(path).id

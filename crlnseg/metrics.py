@@ -33,7 +33,7 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Dice coefficient of the non-zero voxels; 1.0 when both masks are empty (as medpy)."""
     p, r = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
     total = np.count_nonzero(p) + np.count_nonzero(r)
-    return 1.0 if total == 0 else 2.0 * np.count_nonzero(p & r) / float(total)
+    return 1.0 if total == 0 else float(2.0 * np.count_nonzero(p & r) / total)
 
 
 def jaccard(pred: np.ndarray, ref: np.ndarray) -> float:
