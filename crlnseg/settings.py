@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "Strict",
@@ -43,6 +43,7 @@ class PrepareSettings(Strict):
     normalize: Literal["zscore", "ct", "minmax", "none"] = Field("zscore", description="per-case intensity normalisation")
     ct_window: tuple[float, float] = Field((-1000.0, 1000.0), description="clip window (HU) for normalize=ct")
     crop_nonzero: bool = Field(False, description="crop each case to the bounding box of its non-zero image voxels")
+    interpolation: Literal["linear", "bspline"] = Field("bspline", description="image resampling (labels: nearest): linear or cubic B-spline as nnU-Net")
     h5_spacing: Triple = Field((1.0, 1.0, 1.0), description="spacing assumed for HDF5 cases, which store none")
 
 
@@ -119,6 +120,15 @@ class TrainSettings(Strict):
     log_every: int = Field(20, ge=1, description="iterations between metrics.jsonl lines")
     checkpoint_every: int = Field(1000, ge=1, description="iterations between periodic checkpoints")
     val_every: int = Field(1000, ge=1, description="iterations between validations (with --val)")
+    val_stride: IntTriple | None = Field(None, description="sliding-window stride for validation; None: half-patch overlap")
+
+    @field_validator("patch")
+    @classmethod
+    def _patch_multiple_of_16(cls, patch: IntTriple) -> IntTriple:
+        # Both backbones downsample four times, so every side must divide by 16.
+        if any(p < 16 or p % 16 for p in patch):
+            raise ValueError(f"each side must be a positive multiple of 16, got {patch}")
+        return patch
 
 
 class RunSettings(Strict):
