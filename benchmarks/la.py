@@ -1,0 +1,356 @@
+"""The literature's semi-supervised Left Atrium protocol, at half resolution, on the CPU.
+
+Labelled = the first 8 (or 16) IDs of ``cases.txt``, unlabelled = the rest of cases 1-64,
+validation = cases 65-80 (never used for training or checkpoint choice: every number comes from
+the LAST checkpoint). Methods ``supervised``, ``mean-teacher`` and ``crln`` share the backbone,
+patch, iterations and seed; each run goes through the public CLI (``crlnseg train``, ``predict``,
+``evaluate``, ``rectify``) as a user would run it. Per run it records Dice, Jaccard, HD95 and ASD
+(voxels and mm), empty predictions, the wall time, and for ``crln`` the Dice of raw vs rectified
+pseudo-labels on the unlabelled cases and the reliable-voxel share before/after rectification over
+training (``metrics.jsonl``). Output: ``<out>/la_<L>.json`` (every number), ``la_<L>.md``
+(mean +- std over seeds) and ``la_<L>.png``.
+
+Resumable: a finished run (``checkpoints/last.pt`` at the final iteration) is not retrained, an
+unfinished one is continued with ``--resume``, and finished predictions/evaluations are reused.
+
+    python benchmarks/la.py --labelled 8 --seeds 0 1 2            # the table of RESULTS.md
+    python benchmarks/la.py --iterations 5 --limit-val 2 --limit-unlabelled 2 --out /tmp/la-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "la"
+METHODS = ("supervised", "mean-teacher", "crln")
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DATA, help="folder with images/ labels/ cases.txt")
+    p.add_argument("--labelled", type=int, choices=(8, 16), default=8)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--iterations", type=int, default=None, help="default: the preset's")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every `crlnseg train` (repeatable)")
+    p.add_argument("--test", type=Path, default=None,
+                   help="an extra labelled folder (images/ labels/) to evaluate every run on")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--crlnseg", default=None, help="the crlnseg executable (default: this venv's)")
+    # Hidden: shrink the protocol to check the script end to end in a minute.
+    p.add_argument("--limit-val", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--limit-unlabelled", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def split_ids(cases: list[str], labelled: int) -> dict[str, list[str]]:
+    """The literature's split: first ``labelled`` / rest of the first 64 / cases 65-80."""
+    if len(cases) < 80:
+        sys.exit(f"cases.txt lists {len(cases)} cases; the protocol needs 80")
+    return {"labelled": cases[:labelled], "unlabelled": cases[labelled:64],
+            "validation": cases[64:80]}
+
+
+def link_split(folder: Path, ids: list[str], data: Path, labels: str | None) -> Path:
+    """``folder/images`` (and ``folder/<labels>``) of symlinks to the source cases; idempotent."""
+    for sub, src in (("images", "images"), (labels, "labels")):
+        if sub is None:
+            continue
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        wanted = {f"{cid}.nii.gz" for cid in ids}
+        for stale in set(os.listdir(folder / sub)) - wanted:
+            (folder / sub / stale).unlink()
+        for name in wanted - set(os.listdir(folder / sub)):
+            (folder / sub / name).symlink_to((data / src / name).resolve())
+    return folder
+
+
+class Runner:
+    """Runs crlnseg commands, logging each command line and its output into the run folder."""
+
+    def __init__(self, exe: str) -> None:
+        self.exe = exe
+
+    def __call__(self, args: list[str], log: Path, stdout: Path | None = None) -> None:
+        cmd = [self.exe, *map(str, args)]
+        print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as err, open(stdout or os.devnull, "w") as out:
+            err.write("$ " + " ".join(cmd) + "\n")
+            err.flush()
+            done = subprocess.run(cmd, stdout=out, stderr=err)
+        if done.returncode:
+            tail = log.read_text().splitlines()[-5:]
+            sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def finished_iteration(run: Path) -> int | None:
+    """The iteration stored in ``run/checkpoints/last.pt``, or None without a checkpoint."""
+    last = run / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return None
+    from crlnseg.checkpoint import load_checkpoint  # torch: only when a run exists
+
+    return int(load_checkpoint(last)["meta"]["iteration"])
+
+
+def train(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, Path],
+          args: argparse.Namespace, iterations: int) -> float:
+    """Train (or resume, or skip) one run; returns the training wall time in seconds."""
+    timing = run / "benchmark_time.json"
+    done = finished_iteration(run)
+    if done is not None and done >= iterations and timing.exists():
+        return json.loads(timing.read_text())["train_seconds"]
+    previous = json.loads(timing.read_text())["train_seconds"] if timing.exists() else 0.0
+    cmd = ["train", "--labelled", data["labelled"], "--unlabelled", data["unlabelled"], "-o", run,
+           "--preset", args.preset, "--method", method, "--seed", seed,
+           "--iterations", iterations]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    if done is not None:
+        cmd.append("--resume")  # an interrupted benchmark continues where it stopped
+    elif run.exists():
+        cmd.append("--overwrite")  # a run folder without any checkpoint holds nothing to keep
+    start = time.perf_counter()
+    crlnseg(cmd, run.parent / f"{run.name}.log")
+    seconds = previous + time.perf_counter() - start
+    timing.write_text(json.dumps({"train_seconds": seconds}))
+    return seconds
+
+
+def count_empty(folder: Path) -> int:
+    import nibabel as nib
+
+    return sum(int(not np.asarray(nib.load(p).dataobj).any()) for p in sorted(folder.iterdir())
+               if p.name.endswith((".nii.gz", ".nii")))
+
+
+def evaluate(crlnseg: Runner, run: Path, name: str, split: Path) -> dict:
+    """Predict ``split/images`` with the last checkpoint, evaluate in voxels and in mm."""
+    pred, log = run / f"pred_{name}", run.parent / f"{run.name}.log"
+    expected = len(list((split / "images").iterdir()))
+    if not pred.is_dir() or len(list(pred.glob("*.nii*"))) != expected:
+        crlnseg(["predict", split / "images", "-o", pred, "-m", run, "--overwrite"], log)
+    result: dict = {"empty_predictions": count_empty(pred), "cases": expected}
+    for units, flag in (("voxel", ["--voxel-units"]), ("mm", [])):
+        report = run / f"eval_{name}_{units}.json"
+        if not report.exists():
+            crlnseg(["evaluate", pred, split / "labels", "--format", "json", "-o", report, *flag],
+                    log)
+        data = json.loads(report.read_text())
+        result[units] = {m: data["summary"]["1"][m]["mean"] for m in METRICS}
+        result[units]["undefined_distances"] = data["summary"]["1"]["hd95"].get("n_undefined", 0)
+        result[units + "_cases"] = data["cases"]
+    return result
+
+
+def rectify(crlnseg: Runner, run: Path, split: Path) -> dict:
+    """Raw vs rectified pseudo-label quality on the unlabelled cases (``rectify --labels``)."""
+    out = run / "rectify_unlabelled"
+    if not (out / "summary.json").exists():
+        crlnseg(["rectify", split / "images", "-o", out, "-m", run, "--labels",
+                 split / "labels_hidden", "--overwrite"], run.parent / f"{run.name}.log")
+    return json.loads((out / "summary.json").read_text())
+
+
+def reliable_curve(run: Path) -> dict[str, list[float]]:
+    """Iteration and reliable-voxel share before/after rectification, from ``metrics.jsonl``."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    keys = {"before": RELIABLE_BEFORE, "after": RELIABLE_AFTER}
+    curve: dict[str, list[float]] = {"iteration": [], "before": [], "after": []}
+    for row in rows:
+        if all(k in row for k in keys.values()) and "iteration" in row:
+            curve["iteration"].append(row["iteration"])
+            for side, key in keys.items():
+                curve[side].append(row[key])
+    return curve
+
+
+RELIABLE_BEFORE, RELIABLE_AFTER = "reliable_raw", "reliable_rectified"
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
+
+
+def summarise(runs: list[dict], methods: list[str], names: list[str]) -> dict:
+    """Mean and std over seeds of every summary number, per method and evaluation set."""
+    table: dict = {}
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        entry: dict = {"seeds": [r["seed"] for r in mine],
+                       "train_seconds": _mean_std([r["train_seconds"] for r in mine])}
+        for name in names:
+            for units in ("voxel", "mm"):
+                for m in METRICS:
+                    entry[f"{name}/{m}_{units}"] = _mean_std([r[name][units][m] for r in mine])
+            entry[f"{name}/empty_predictions"] = sum(r[name]["empty_predictions"] for r in mine)
+        if method == "crln":
+            for key in ("pseudo_dice_raw", "pseudo_dice_rectified"):
+                entry[key] = _mean_std([r["pseudo"].get(key) for r in mine])
+        table[method] = entry
+    return table
+
+
+def _cell(pair: tuple[float | None, float | None], scale: float = 1.0, digits: int = 2) -> str:
+    mean, std = pair
+    return "n/a" if mean is None else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def markdown(table: dict, names: list[str], meta: dict) -> str:
+    lines = [f"LA, {meta['labelled']} labelled / {meta['unlabelled']} unlabelled, "
+             f"preset `{meta['preset']}`, {meta['iterations']} iterations, seeds {meta['seeds']}; "
+             "last checkpoint; mean ± std over seeds.", ""]
+    for name in names:
+        lines += [f"**{name}** ({meta['cases'][name]} cases)", "",
+                  "| method | Dice % | Jaccard % | HD95 vox | ASD vox | HD95 mm | ASD mm "
+                  "| empty | train min |", "|---|---|---|---|---|---|---|---|---|"]
+        for method, e in table.items():
+            lines.append(
+                f"| {method} | {_cell(e[f'{name}/dice_voxel'], 100)} "
+                f"| {_cell(e[f'{name}/jaccard_voxel'], 100)} | {_cell(e[f'{name}/hd95_voxel'])} "
+                f"| {_cell(e[f'{name}/asd_voxel'])} | {_cell(e[f'{name}/hd95_mm'])} "
+                f"| {_cell(e[f'{name}/asd_mm'])} | {e[f'{name}/empty_predictions']} "
+                f"| {_cell(e['train_seconds'], 1 / 60, 1)} |")
+        lines.append("")
+    if "crln" in table:
+        e = table["crln"]
+        lines += ["Pseudo-labels of `crln` on the unlabelled cases (last checkpoint, Dice %): "
+                  f"raw {_cell(e['pseudo_dice_raw'], 100)}, rectified "
+                  f"{_cell(e['pseudo_dice_rectified'], 100)}.", ""]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    methods = list(table)
+    for i, method in enumerate(methods):
+        dice = [100 * r["validation"]["voxel"]["dice"] for r in runs if r["method"] == method]
+        left.bar(i, np.mean(dice), yerr=np.std(dice), color=f"C{i}", alpha=0.6, capsize=4)
+        left.scatter([i] * len(dice), dice, color="k", s=12, zorder=3)
+    left.set_xticks(range(len(methods)), methods)
+    left.set_ylabel("validation Dice % (cases 65-80)")
+    left.set_title("Dice per method (bars: mean ± std, dots: seeds)")
+    for r in runs:
+        if r["method"] == "crln" and r["reliable"]["iteration"]:
+            c = r["reliable"]
+            right.plot(c["iteration"], c["before"], "C0", alpha=0.6)
+            right.plot(c["iteration"], c["after"], "C3", alpha=0.6)
+    right.plot([], [], "C0", label="before rectification")
+    right.plot([], [], "C3", label="after rectification")
+    right.set_xlabel("iteration")
+    right.set_ylabel("reliable-voxel share")
+    right.set_title("crln: reliable pseudo-labels (one line per seed)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _pseudo(summary: dict) -> dict:
+    """Mean raw / rectified pseudo-label Dice over the unlabelled cases of a rectify summary."""
+    cases = summary.get("cases", summary) if isinstance(summary, dict) else summary
+    out = {}
+    for key, column in (("pseudo_dice_raw", "dice_raw"), ("pseudo_dice_rectified", "dice_rectified")):
+        values = [c[column] for c in cases if c.get(column) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    exe = args.crlnseg or shutil.which("crlnseg") or str(Path(sys.executable).with_name("crlnseg"))
+    crlnseg = Runner(exe)
+    cases = (args.data / "cases.txt").read_text().split()
+    ids = split_ids(cases, args.labelled)
+    ids["validation"] = ids["validation"][:args.limit_val]
+    ids["unlabelled"] = ids["unlabelled"][:args.limit_unlabelled]
+    root = args.out / f"la_{args.labelled}"
+    data = {"labelled": link_split(root / "data" / "labelled", ids["labelled"], args.data, "labels"),
+            "unlabelled": link_split(root / "data" / "unlabelled", ids["unlabelled"], args.data,
+                                     None),
+            "validation": link_split(root / "data" / "validation", ids["validation"], args.data,
+                                     "labels")}
+    # Hidden labels of the unlabelled cases, kept out of the training folder, for rectify --labels.
+    link_split(root / "data" / "unlabelled_truth", ids["unlabelled"], args.data, "labels")
+    data["unlabelled_truth"] = root / "data" / "unlabelled_truth"
+    evals = {"validation": data["validation"]}
+    if args.test is not None:
+        evals["test"] = args.test
+    iterations = args.iterations or _preset_iterations(args.preset)
+    runs = []
+    start = time.perf_counter()
+    for seed in args.seeds:
+        for method in args.methods:
+            run = root / "runs" / f"{method}_seed{seed}"
+            record: dict = {"method": method, "seed": seed, "run": str(run),
+                            "train_seconds": train(crlnseg, run, method, seed, data, args,
+                                                   iterations)}
+            for name, split in evals.items():
+                record[name] = evaluate(crlnseg, run, name, split)
+            if method == "crln":
+                summary = rectify(crlnseg, run, _truth_view(data))
+                record["pseudo"] = _pseudo(summary)
+                record["reliable"] = reliable_curve(run)
+            runs.append(record)
+            dice = record["validation"]["voxel"]["dice"]
+            print(f"{method} seed {seed}: validation Dice {100 * dice:.2f} "
+                  f"({record['train_seconds'] / 60:.1f} min)", file=sys.stderr, flush=True)
+    names = list(evals)
+    meta = {"labelled": len(ids["labelled"]), "unlabelled": len(ids["unlabelled"]),
+            "preset": args.preset, "iterations": iterations, "seeds": args.seeds,
+            "overrides": args.overrides, "splits": ids,
+            "cases": {n: len(list((s / "images").iterdir())) for n, s in evals.items()},
+            "wall_seconds_this_invocation": time.perf_counter() - start,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
+    table = summarise(runs, args.methods, names)
+    stem = args.out / f"la_{args.labelled}"
+    (stem.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": table,
+                                                       "runs": runs}, indent=2) + "\n")
+    text = markdown(table, names, meta)
+    stem.with_suffix(".md").write_text(text + "\n")
+    plot(runs, table, stem.with_suffix(".png"))
+    print(text)
+
+
+def _truth_view(data: dict[str, Path]) -> Path:
+    """A folder with ``images`` (unlabelled) and ``labels_hidden`` (their truth) for rectify."""
+    view = data["unlabelled"].parent / "unlabelled_view"
+    for sub, target in (("images", data["unlabelled"] / "images"),
+                        ("labels_hidden", data["unlabelled_truth"] / "labels")):
+        link = view / sub
+        view.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target.resolve(), target_is_directory=True)
+    return view
+
+
+def _preset_iterations(preset: str) -> int:
+    from crlnseg.settings import PRESETS, RunSettings
+
+    return int(PRESETS[preset].get("train", {}).get("iterations",
+                                                    RunSettings().train.iterations))
+
+
+if __name__ == "__main__":
+    main()
