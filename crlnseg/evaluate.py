@@ -58,14 +58,16 @@ class Pair:
 
 
 def _read(path: Path, case: str, side: str) -> tuple[np.ndarray, object]:
-    """An integer label array (X, Y, Z) and its geometry; DataError for unreadable/non-integer."""
+    """An integer label array (X, Y, Z) and its geometry; DataError if unreadable or not a mask."""
     try:
         volume = _read_image(path)
-    except DataError:
-        raise
+    except DataError as err:
+        raise DataError(f"case {case}: {side} mask {err}") from None
     except Exception as err:  # noqa: BLE001 - any reader failure is bad input
-        raise DataError(f"case {case}: cannot read {side} mask {path}: {err}") from err
+        raise DataError(f"case {case}: cannot read {side} mask {path}: {err}") from None
     array = np.asarray(volume.array)
+    if array.ndim != 3:
+        raise DataError(f"case {case}: {side} mask {path} has shape {array.shape}, expected 3D")
     if array.dtype.kind == "b":
         return array.view(np.uint8), volume.geometry
     if array.dtype.kind not in "iu":
@@ -306,10 +308,16 @@ def write_text(path: Path, text: str, overwrite: bool = False) -> None:
 # --- I/O: the project's reader when present, else a minimal private fallback -------------------
 
 def _read_image(path: Path) -> object:
+    """A mask volume; for an HDF5 case file, its ``label`` dataset."""
     try:
-        from crlnseg.io.readers import read_image
+        from crlnseg.io.readers import read_h5_case, read_image
     except ImportError:
         return _read_image_sitk(path)
+    if split_suffix(path)[1].lower() in (".h5", ".hdf5"):
+        label = read_h5_case(path)[1]
+        if label is None:
+            raise DataError(f"{path}: HDF5 file has no 'label' dataset")
+        return label
     return read_image(path)
 
 

@@ -9,15 +9,17 @@ import typer
 
 from crlnseg.cli.app import handle_errors
 
-HELP = """Compare predicted masks with ground truth: Dice, Jaccard, HD95, ASD (equal to medpy).
-
-PRED and GT are two mask files or two folders of masks (cases matched by ID). Distances are in mm
-(GT header spacing) unless --voxel-units. Empty masks: both empty -> Dice 1, Jaccard 1, distances
-0; one empty -> Dice 0, Jaccard 0, distances undefined (null in JSON, empty in CSV), counted as
-n_undefined in the summary and left out of its distance statistics (never averaged as 0).
-Summary per class: mean, population std, median, n and, with --bootstrap N, a seeded 95% bootstrap
-interval of the mean. Output: a table on a terminal, else JSON (or CSV) on stdout, or -o FILE.
-"""
+HELP = "\n\n".join([
+    "Compare predicted masks with ground truth: Dice, Jaccard, HD95, ASD (equal to medpy).",
+    "PRED and GT are two mask files or two folders of masks (cases matched by ID). Distances are "
+    "in mm (GT header spacing) unless --voxel-units.",
+    "Empty masks: both empty -> Dice 1, Jaccard 1, distances 0; one empty -> Dice 0, Jaccard 0, "
+    "distances undefined (null in JSON, empty in CSV), counted as n_undefined in the summary and "
+    "left out of its distance statistics (never averaged as 0).",
+    "Summary per class: mean, population std, median, n and, with --bootstrap N, a seeded 95% "
+    "bootstrap interval of the mean. Output: a table on a terminal, else JSON (or CSV) on stdout, "
+    "or -o FILE.",
+])
 
 FORMATS = ("table", "json", "csv")
 

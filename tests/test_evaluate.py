@@ -1,0 +1,220 @@
+"""`crlnseg evaluate` on folders of small NIfTI masks: schema, formats, checks, options."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from medpy.metric import binary as mb
+from typer.testing import CliRunner
+
+from crlnseg.errors import DataError
+from crlnseg.evaluate import EvaluateSettings, bootstrap_ci, evaluate, summarize
+
+SPACING = (0.8, 1.2, 2.5)
+SHAPE = (14, 12, 10)
+METRIC_STATS = {"mean", "std", "median", "n", "ci95"}
+
+
+def _write(path: Path, array: np.ndarray, spacing=SPACING, origin=(1.0, -2.0, 3.0)) -> Path:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose()))  # (X,Y,Z) -> ITK
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _masks(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gt = np.zeros(SHAPE, np.uint8)
+    lo = rng.integers(1, 5, size=3)
+    gt[lo[0]:lo[0] + 7, lo[1]:lo[1] + 6, lo[2]:lo[2] + 5] = 1
+    gt[lo[0]:lo[0] + 3, lo[1]:lo[1] + 3, lo[2]:lo[2] + 3] = 2
+    pred = np.where(rng.random(SHAPE) < 0.08, 0, gt).astype(np.uint8)
+    pred[tuple(rng.integers(0, s) for s in SHAPE)] = 1
+    return pred, gt
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path, dict]:
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    arrays = {}
+    for i in range(3):
+        pred, gt = _masks(i)
+        if i == 2:
+            pred[pred == 2] = 0  # class 2 missed entirely: distances undefined
+        arrays[f"case{i}"] = (pred, gt)
+        _write(pred_dir / f"case{i}.nii.gz", pred)
+        _write(gt_dir / f"case{i}.nii.gz", gt)
+    return pred_dir, gt_dir, arrays
+
+
+def _cli(*args: str):
+    from crlnseg.cli.app import app
+
+    return CliRunner().invoke(app, ["evaluate", *map(str, args)])
+
+
+def test_json_schema_and_values_equal_medpy(folders) -> None:
+    pred_dir, gt_dir, arrays = folders
+    result = _cli(pred_dir, gt_dir)  # stdout is not a terminal: JSON by default
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) == {"units", "cases", "summary"} and report["units"] == "mm"
+    assert len(report["cases"]) == 6  # 3 cases x classes {1, 2}
+    for row in report["cases"]:
+        assert set(row) == {"case", "class", "dice", "jaccard", "hd95", "asd"}
+        pred, gt = (a == row["class"] for a in arrays[row["case"]])
+        assert row["dice"] == pytest.approx(mb.dc(pred, gt), rel=1e-6)
+        assert row["jaccard"] == pytest.approx(mb.jc(pred, gt), rel=1e-6)
+        if pred.any():
+            assert row["hd95"] == pytest.approx(mb.hd95(pred, gt, SPACING), rel=1e-6)
+            assert row["asd"] == pytest.approx(mb.asd(pred, gt, SPACING), rel=1e-6)
+        else:
+            assert row["hd95"] is None and row["asd"] is None
+    assert set(report["summary"]) == {"1", "2"}
+    for per_class in report["summary"].values():
+        assert set(per_class) == {"dice", "jaccard", "hd95", "asd"}
+        for metric in ("dice", "jaccard"):
+            assert set(per_class[metric]) == METRIC_STATS and per_class[metric]["ci95"] is None
+        for metric in ("hd95", "asd"):
+            assert set(per_class[metric]) == METRIC_STATS | {"n_undefined"}
+    hd = report["summary"]["2"]["hd95"]
+    defined = [r["hd95"] for r in report["cases"] if r["class"] == 2 and r["hd95"] is not None]
+    assert (hd["n"], hd["n_undefined"]) == (2, 1)
+    assert hd["mean"] == pytest.approx(np.mean(defined))  # undefined values are not zeros
+    assert report["summary"]["2"]["dice"]["n"] == 3
+    assert report["summary"]["2"]["dice"]["std"] == pytest.approx(
+        np.std([r["dice"] for r in report["cases"] if r["class"] == 2]))
+
+
+def test_csv_classes_voxel_units_and_output_file(folders, tmp_path: Path) -> None:
+    pred_dir, gt_dir, arrays = folders
+    out = tmp_path / "report.csv"
+    result = _cli(pred_dir, gt_dir, "--classes", "2", "--voxel-units", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert out.read_text().splitlines()[0] == "case,class,dice,jaccard,hd95,asd"
+    assert [(r["case"], r["class"]) for r in rows] == [("case0", "2"), ("case1", "2"),
+                                                       ("case2", "2")]
+    assert rows[2]["hd95"] == "" and rows[2]["asd"] == ""
+    pred, gt = (a == 2 for a in arrays["case0"])
+    assert float(rows[0]["hd95"]) == pytest.approx(mb.hd95(pred, gt), rel=1e-6)
+    again = _cli(pred_dir, gt_dir, "-o", out)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert _cli(pred_dir, gt_dir, "-o", out, "--overwrite").exit_code == 0
+    assert out.read_text().startswith("case,class")  # the suffix chose CSV
+
+
+def test_table_format_and_two_files(folders) -> None:
+    pred_dir, gt_dir, _ = folders
+    result = _cli(pred_dir / "case0.nii.gz", gt_dir / "case0.nii.gz", "--format", "table")
+    assert result.exit_code == 0, result.output
+    assert "case0" in result.stdout and "Summary" in result.stdout
+    report = json.loads(_cli(pred_dir / "case0.nii.gz", gt_dir / "case0.nii.gz").stdout)
+    assert {r["case"] for r in report["cases"]} == {"case0"}
+
+
+def _one_line_exit_2(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()
+             and not line.startswith("evaluating")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    for needle in needles:
+        assert needle in lines[0]
+    assert result.stdout == ""
+
+
+def test_refuses_shape_geometry_missing_non_integer_unreadable(folders) -> None:
+    pred_dir, gt_dir, arrays = folders
+    _write(pred_dir / "case1.nii.gz", np.zeros((14, 12, 9), np.uint8))
+    _one_line_exit_2(_cli(pred_dir, gt_dir), "case1", "shape")
+    _write(pred_dir / "case1.nii.gz", arrays["case1"][0], spacing=(0.8, 1.2, 2.6))
+    _one_line_exit_2(_cli(pred_dir, gt_dir), "case1", "geometry")
+    _write(pred_dir / "case1.nii.gz", arrays["case1"][0].astype(np.float32) * 0.5)
+    _one_line_exit_2(_cli(pred_dir, gt_dir), "case1", "non-integer")
+    (pred_dir / "case1.nii.gz").write_bytes(b"not a nifti file")
+    _one_line_exit_2(_cli(pred_dir, gt_dir), "case1")
+    (pred_dir / "case1.nii.gz").unlink()
+    _write(pred_dir / "extra.nii.gz", arrays["case0"][0])
+    _one_line_exit_2(_cli(pred_dir, gt_dir), "case1", "extra", "--allow-missing")
+
+
+def test_float_masks_with_integer_values_are_accepted(folders) -> None:
+    pred_dir, gt_dir, arrays = folders
+    _write(pred_dir / "case1.nii.gz", arrays["case1"][0].astype(np.float32))
+    assert _cli(pred_dir, gt_dir).exit_code == 0
+
+
+def test_allow_missing_scores_failures(folders) -> None:
+    pred_dir, gt_dir, _ = folders
+    (pred_dir / "case1.nii.gz").unlink()
+    report = json.loads(_cli(pred_dir, gt_dir, "--allow-missing").stdout)
+    missing = [r for r in report["cases"] if r["case"] == "case1"]
+    assert len(missing) == 2
+    assert all(r["dice"] == 0 and r["jaccard"] == 0 and r["hd95"] is None for r in missing)
+    assert report["summary"]["1"]["dice"]["n"] == 3
+    assert report["summary"]["1"]["hd95"]["n_undefined"] == 1
+
+
+def test_bootstrap_is_seeded_and_workers_agree(folders) -> None:
+    pred_dir, gt_dir, _ = folders
+    first = _cli(pred_dir, gt_dir, "--bootstrap", "200", "--seed", "3").stdout
+    assert first == _cli(pred_dir, gt_dir, "--bootstrap", "200", "--seed", "3",
+                         "--workers", "2").stdout
+    summary = json.loads(first)["summary"]["1"]["dice"]
+    low, high = summary["ci95"]
+    assert low <= summary["mean"] <= high and low < high
+    values = np.random.default_rng(0).random(20)
+    assert bootstrap_ci(values, 200, 3) == bootstrap_ci(values, 200, 3)
+    assert bootstrap_ci(values, 200, 3) != bootstrap_ci(values, 200, 4)
+
+
+def test_bootstrap_ci_matches_a_direct_resampling() -> None:
+    values = np.array([0.2, 0.5, 0.9, 0.4])
+    rng = np.random.default_rng(5)
+    means = values[rng.integers(0, 4, size=(300, 4))].mean(axis=1)
+    assert bootstrap_ci(values, 300, 5) == pytest.approx(list(np.percentile(means, [2.5, 97.5])))
+
+
+def test_summary_of_all_undefined_and_both_empty_rows() -> None:
+    rows = [{"case": "a", "class": 1, "dice": 0.0, "jaccard": 0.0, "hd95": None, "asd": None}]
+    hd = summarize(rows, [1], bootstrap=10)["1"]["hd95"]
+    assert hd == {"mean": None, "std": None, "median": None, "n": 0, "ci95": None,
+                  "n_undefined": 1}
+
+
+def test_default_classes_are_the_union_over_gt(tmp_path: Path) -> None:
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    a = np.zeros(SHAPE, np.uint8)
+    a[2:6, 2:6, 2:6] = 1
+    b = np.zeros(SHAPE, np.uint8)
+    b[3:8, 3:8, 3:8] = 3
+    _write(gt_dir / "a.nii.gz", a)
+    _write(pred_dir / "a.nii.gz", a)
+    _write(gt_dir / "b.nii.gz", b)
+    noisy = b.copy()
+    noisy[0, 0, 0] = 7  # a label no GT has: not reported
+    _write(pred_dir / "b.nii.gz", noisy)
+    report = evaluate(pred_dir, gt_dir, EvaluateSettings())
+    assert sorted({r["class"] for r in report.rows}) == [1, 3]
+    a3 = next(r for r in report.rows if (r["case"], r["class"]) == ("a", 3))
+    assert a3 == {"case": "a", "class": 3, "dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
+
+
+def test_library_errors_name_the_case(folders) -> None:
+    pred_dir, gt_dir, _ = folders
+    with pytest.raises(DataError, match="two mask files or two folders"):
+        evaluate(pred_dir / "case0.nii.gz", gt_dir, EvaluateSettings())
+    with pytest.raises(DataError, match="does not exist"):
+        evaluate(pred_dir / "nope", gt_dir, EvaluateSettings())
