@@ -1,14 +1,77 @@
-"""`crlnseg predict` (not implemented yet)."""
+"""`crlnseg predict INPUT... -o OUTPUT -m RUN`: masks on the inputs' exact grids."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from crlnseg.cli.app import handle_errors, not_implemented
+from crlnseg.cli.app import handle_errors
+
+HELP = "\n\n".join([
+    "Segment scans with a trained run (the EMA teacher of its last checkpoint).",
+    "INPUT is one image, the channel files of one case (<ID>_0000.nii.gz, <ID>_0001.nii.gz...), "
+    "or a folder of cases; OUTPUT is then a mask file (or a folder receiving <ID>.nii.gz), or a "
+    "folder with one mask per case named like the input case.",
+    "Output: softmax(f + (1 - mu) M) of the sliding window, argmax, on the input's exact grid. "
+    "stdout: one tab-separated line per case: case, seconds, <class>=<voxels> per class.",
+])
+
+
+def predict_settings(overlap: float, stride: tuple[int, int, int] | None, blend: str | None,
+                     batch_size: int, tta: bool, device: str, amp: bool,
+                     **extra: Any):  # -> PredictSettings
+    """Options -> PredictSettings; an explicit --stride means uniform blending unless --blend."""
+    from pydantic import ValidationError
+
+    from crlnseg.errors import ConfigError
+    from crlnseg.settings import PredictSettings
+
+    mode = blend or ("uniform" if stride else "gaussian")
+    try:
+        return PredictSettings(overlap=overlap, stride=stride, mode=mode, batch_size=batch_size,
+                               tta=tta, device=device, amp=amp, **extra)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+# Options shared with `crlnseg rectify`.
+MODEL = typer.Option(..., "-m", "--model", help="Run folder or checkpoint file (.pt).")
+CHECKPOINT = typer.Option("last", "--checkpoint", help="last, best, or a checkpoint PATH.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+TTA = typer.Option(False, "--tta", help="Average the softmax over the 8 flips of X, Y, Z.")
+OVERLAP = typer.Option(0.5, "--overlap", help="Patch overlap (Gaussian blending).")
+STRIDE = typer.Option(None, "--stride", help="Explicit stride X Y Z in voxels, uniform "
+                      "blending (literature LA protocol: 18 18 4).")
+BLEND = typer.Option(None, "--blend", help="gaussian or uniform (default: gaussian; uniform "
+                     "with --stride).")
+BATCH = typer.Option(2, "--batch-size", help="Patches per forward pass.")
+AMP = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing outputs.")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("predict", help="Segment scans with a trained model.")
+    @app.command("predict", help=HELP)
     @handle_errors
-    def predict() -> None:
-        not_implemented("predict")
+    def predict(
+        inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="Image file(s) of one "
+                                            "case, or a folder of cases."),
+        output: Path = typer.Option(..., "-o", "--output", help="Mask file or output folder."),
+        model: Path = MODEL, checkpoint: str = CHECKPOINT, device: str = DEVICE,
+        tta: bool = TTA, overlap: float = OVERLAP,
+        stride: tuple[int, int, int] = STRIDE, blend: str = BLEND, batch_size: int = BATCH,
+        save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write "
+                                                "<ID>_probabilities.npz (float16, C X Y Z)."),
+        keep_largest: bool = typer.Option(False, "--keep-largest", help="Keep the largest "
+                                          "connected component of each class."),
+        no_rectify: bool = typer.Option(False, "--no-rectify", help="Output softmax(f) alone."),
+        amp: bool = AMP, overwrite: bool = OVERWRITE,
+    ) -> None:
+        from crlnseg.predict import predict_paths
+
+        settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp,
+                                    keep_largest=keep_largest, rectify=not no_rectify)
+        predict_paths(inputs, output, model, settings, which=checkpoint,
+                      probabilities=save_probabilities, overwrite=overwrite)

@@ -1,0 +1,198 @@
+"""A predictor built once from a trained run and reused across cases.
+
+Per case: preprocess exactly as training did (``crlnseg.data.preprocessing.preprocess`` with the
+run's ``PrepareSettings``), sliding window of the EMA teacher over the whole case, per-patch
+
+    rectified:  softmax(f(x) + (1 - mu) * M(x))      (METHOD.md Sec. 2, inference)
+    raw:        softmax(f(x))                         (``rectify=False``)
+
+blended into one probability map, mapped back to the input grid (``restore``: resample back,
+un-crop), then argmax. Probabilities (not labels) are restored, so resampling back interpolates
+the softmax rather than nearest-neighbour labels. :meth:`Predictor.rectify_volume` blends both
+heads in the same pass (2C channels: the softmax of each head is averaged, as the literature
+averages the softmax of patches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from crlnseg.console import track
+from crlnseg.errors import DataError
+from crlnseg.inference.postprocess import argmax_max, keep_largest_component
+from crlnseg.inference.sliding_window import sliding_window
+from crlnseg.inference.tta import flip_sets, with_flips
+from crlnseg.io.volume import Volume
+from crlnseg.settings import PredictSettings, PrepareSettings
+
+__all__ = ["Prediction", "RectifiedPrediction", "Predictor", "resolve_device"]
+
+Heads = Literal["raw", "rectified", "both"]
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray                  # (X, Y, Z) uint8 on the input grid
+    probabilities: np.ndarray | None  # (C, X, Y, Z) float32 on the input grid, when asked
+    seconds: float
+
+
+@dataclass
+class RectifiedPrediction:
+    raw: np.ndarray             # (X, Y, Z) uint8: argmax softmax(f)
+    rectified: np.ndarray       # (X, Y, Z) uint8: argmax softmax(f + (1 - mu) M)
+    raw_confidence: np.ndarray  # (X, Y, Z) float32: max softmax(f)
+    confidence: np.ndarray      # (X, Y, Z) float32: max softmax(f + (1 - mu) M)
+    mu: float
+    seconds: float
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from crlnseg.errors import ConfigError
+
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def _channels(volume: Volume) -> int:
+    return 1 if volume.array.ndim == 3 else int(volume.array.shape[0])
+
+
+class Predictor:
+    """EMA teacher + settings; call :meth:`predict_volume` or :meth:`rectify_volume` per case."""
+
+    def __init__(self, model: torch.nn.Module, settings: PredictSettings,
+                 patch: tuple[int, int, int], prepare: PrepareSettings, channels: int,
+                 classes: list[str], device: torch.device | None = None,
+                 meta: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.device = device or resolve_device(settings.device)
+        self.model = model.to(self.device).eval()
+        self.patch = tuple(settings.patch or patch)
+        self.prepare = prepare
+        self.channels = channels
+        self.classes = classes
+        self.meta = meta or {}
+
+    @classmethod
+    def from_run(cls, model: Path, which: str = "last",
+                 settings: PredictSettings | None = None) -> Predictor:
+        """Load the EMA teacher of a run folder or checkpoint file (CheckpointError if bad)."""
+        from crlnseg.checkpoint import load_inference_model
+
+        settings = settings or PredictSettings()
+        device = resolve_device(settings.device)
+        net, run, meta = load_inference_model(Path(model), which=which, device=str(device))
+        prepare = PrepareSettings.model_validate(meta.get("prepare", run.prepare.model_dump()))
+        classes = [str(c) for c in meta.get("classes", range(run.model.num_classes))]
+        channels = int(meta.get("channels", run.model.in_channels))
+        return cls(net, settings, tuple(run.train.patch), prepare, channels, classes, device, meta)
+
+    @property
+    def mu(self) -> float:
+        return float(getattr(self.model, "mu", 1.0))
+
+    # -- the network on patches --------------------------------------------------------------
+    def _patch_fn(self, heads: Heads) -> Callable[[torch.Tensor], torch.Tensor]:
+        from crlnseg.method.rectification import rectify
+
+        amp = self.settings.amp and self.device.type == "cuda"
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            ctx = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
+            with ctx:
+                out = self.model(x, with_relation=heads != "raw", embed="none")
+            f = out.logits.float()
+            if heads == "raw" or out.relation is None:  # baselines without a DIM: M = 0
+                p = torch.softmax(f, dim=1)
+                return torch.cat([p, p], dim=1) if heads == "both" else p
+            mu = self.model.mu
+            mu = mu.detach().float() if torch.is_tensor(mu) else float(mu)
+            r = rectify(f, out.relation.float(), mu)
+            if heads == "rectified":
+                return torch.softmax(r, dim=1)
+            return torch.cat([torch.softmax(f, dim=1), torch.softmax(r, dim=1)], dim=1)
+
+        return with_flips(fn, flip_sets(self.settings.tta))
+
+    def probabilities(self, image: np.ndarray, heads: Heads = "rectified",
+                      description: str = "patches") -> torch.Tensor:
+        """Blended probabilities ``(K, X, Y, Z)`` float32 (CPU) of a preprocessed ``(C, X, Y, Z)``
+        image; K = C classes, or 2C for ``heads="both"`` (raw first)."""
+        s = self.settings
+        k = len(self.classes) * (2 if heads == "both" else 1)
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        blend = dict(patch=self.patch, out_channels=k, blend=s.mode, overlap=s.overlap,
+                     stride=s.stride, batch_size=s.batch_size, device=self.device,
+                     progress=_progress(description))
+        with torch.inference_mode():
+            try:
+                out = sliding_window(x, self._patch_fn(heads), **blend)
+            except torch.cuda.OutOfMemoryError:
+                # The blending buffer does not fit next to the network: keep it on the host.
+                torch.cuda.empty_cache()
+                out = sliding_window(x, self._patch_fn(heads), buffer_device="cpu", **blend)
+        return out.cpu()
+
+    # -- whole cases -------------------------------------------------------------------------
+    def _check(self, volume: Volume) -> None:
+        if _channels(volume) != self.channels:
+            raise DataError(f"{volume.path or 'input'}: {_channels(volume)} channel(s), but the "
+                            f"model was trained on {self.channels}")
+
+    def _run(self, volume: Volume, heads: Heads) -> list[np.ndarray]:
+        """Preprocess, sliding window, restore: one probability map per head, input grid."""
+        from crlnseg.data.preprocessing import preprocess, restore
+
+        self._check(volume)
+        case = preprocess(volume, None, self.prepare)
+        info = case.info
+        name = volume.path.name if volume.path is not None else "case"
+        probs = self.probabilities(case.image, heads, description=name).numpy()
+        del case  # the preprocessed image is not needed any more
+        c = len(self.classes)
+        parts = [probs[:c], probs[c:]] if heads == "both" else [probs]
+        if _same_grid(info):  # no crop, no resampling: skip restore's copies
+            return parts
+        return [restore(p, info, probabilities=True) for p in parts]
+
+    def predict_volume(self, volume: Volume, save_probabilities: bool = False) -> Prediction:
+        start = time.perf_counter()
+        (probs,) = self._run(volume, "rectified" if self.settings.rectify else "raw")
+        mask, _ = argmax_max(probs)
+        if self.settings.keep_largest:
+            mask = keep_largest_component(mask, list(range(1, len(self.classes))))
+        return Prediction(mask, probs if save_probabilities else None,
+                          time.perf_counter() - start)
+
+    def rectify_volume(self, volume: Volume) -> RectifiedPrediction:
+        start = time.perf_counter()
+        raw_probs, rect_probs = self._run(volume, "both")
+        raw, raw_conf = argmax_max(raw_probs)
+        rect, conf = argmax_max(rect_probs)
+        return RectifiedPrediction(raw=raw, rectified=rect, raw_confidence=raw_conf,
+                                   confidence=conf, mu=self.mu,
+                                   seconds=time.perf_counter() - start)
+
+
+def _same_grid(info: Any) -> bool:
+    full = all(tuple(b) == (0, n) for b, n in zip(info.crop_box, info.original_shape, strict=True))
+    return full and tuple(info.shape) == tuple(info.original_shape)
+
+
+def _progress(description: str) -> Callable[[Iterator[Any], int], Iterator[Any]]:
+    def wrap(batches: Iterator[Any], total: int) -> Iterator[Any]:
+        return track(batches, description=description, total=total)
+
+    return wrap

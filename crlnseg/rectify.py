@@ -1,0 +1,145 @@
+"""``crlnseg rectify``: reviewable rectified pseudo-labels of unlabelled scans.
+
+For each case the EMA teacher runs once over the whole scan (sliding window, both heads blended in
+the same pass as averaged softmax) and OUT receives, with the input's geometry and extension:
+
+    <ID>_rectified<ext>   uint8   argmax softmax(f + (1 - mu) M): the rectified pseudo-label
+    <ID>_raw<ext>         uint8   argmax softmax(f): the unrectified teacher pseudo-label
+    <ID>_confidence<ext>  float32 max softmax(f + (1 - mu) M)
+    <ID>_reliable<ext>    uint8   confidence >= threshold
+    preview/<ID>.png      with ``preview``: axial slices, raw/rectified contours, confidence
+
+and ``summary.csv`` / ``summary.json`` with one row per case (:data:`COLUMNS`): the share of
+voxels whose raw / rectified confidence reaches the threshold, mu, seconds and, with ground truth,
+Dice of the raw and rectified pseudo-labels over all voxels and over each one's reliable voxels
+only. Dice is the mean over foreground classes (a class absent from both masks counts 1, as
+medpy); "reliable" uses each pseudo-label's own confidence.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crlnseg.console import log
+from crlnseg.data.discovery import CaseFiles
+from crlnseg.errors import DataError
+from crlnseg.io.paths import IMAGE_SUFFIXES, split_suffix
+from crlnseg.io.writers import write_atomic
+from crlnseg.metrics import dice
+from crlnseg.predict import check_outputs, input_cases
+from crlnseg.settings import PredictSettings
+
+__all__ = ["COLUMNS", "DICE_COLUMNS", "KINDS", "case_outputs", "find_label", "mean_dice",
+           "case_row", "rectify_paths"]
+
+KINDS = ("rectified", "raw", "confidence", "reliable")
+COLUMNS = ["case", "mu", "reliable_raw", "reliable_rectified", "seconds"]
+DICE_COLUMNS = ["dice_raw", "dice_rectified", "dice_raw_reliable", "dice_rectified_reliable"]
+
+
+@dataclass
+class CaseOutputs:
+    files: dict[str, Path]  # kind -> path
+    preview: Path | None
+
+
+def case_outputs(case: CaseFiles, out: Path, preview: bool) -> CaseOutputs:
+    ext = split_suffix(case.images[0])[1]
+    ext = ext if ext.lower() in IMAGE_SUFFIXES else ".nii.gz"
+    files = {kind: out / f"{case.id}_{kind}{ext}" for kind in KINDS}
+    return CaseOutputs(files, out / "preview" / f"{case.id}.png" if preview else None)
+
+
+def find_label(labels: Path, case_id: str) -> Path:
+    """``GT_DIR/<ID><ext>`` for any image extension; DataError when missing."""
+    for suffix in IMAGE_SUFFIXES:
+        path = labels / f"{case_id}{suffix}"
+        if path.is_file():
+            return path
+    raise DataError(f"{labels}: no label for case {case_id} (expected {case_id}.nii.gz or similar)")
+
+
+def mean_dice(pred: np.ndarray, ref: np.ndarray, classes: int,
+              where: np.ndarray | None = None) -> float:
+    """Mean Dice over foreground classes 1..classes-1, restricted to ``where`` when given."""
+    if where is not None:
+        pred, ref = pred[where], ref[where]
+    return float(np.mean([dice(pred == c, ref == c) for c in range(1, classes)]))
+
+
+def case_row(case_id: str, pred: Any, threshold: float, classes: int,
+             label: np.ndarray | None) -> dict[str, Any]:
+    """One summary row from a :class:`RectifiedPrediction` (and the ground truth, if any)."""
+    raw_ok, rect_ok = pred.raw_confidence >= threshold, pred.confidence >= threshold
+    row: dict[str, Any] = {"case": case_id, "mu": round(pred.mu, 6),
+                           "reliable_raw": float(raw_ok.mean()),
+                           "reliable_rectified": float(rect_ok.mean()),
+                           "seconds": round(pred.seconds, 3)}
+    if label is not None:
+        row["dice_raw"] = mean_dice(pred.raw, label, classes)
+        row["dice_rectified"] = mean_dice(pred.rectified, label, classes)
+        row["dice_raw_reliable"] = mean_dice(pred.raw, label, classes, raw_ok)
+        row["dice_rectified_reliable"] = mean_dice(pred.rectified, label, classes, rect_ok)
+    return row
+
+
+def _write_summary(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any],
+                   overwrite: bool) -> None:
+    columns = COLUMNS + (DICE_COLUMNS if rows and "dice_raw" in rows[0] else [])
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    mean = {c: float(np.mean([r[c] for r in rows])) for c in columns[1:]} if rows else {}
+    document = {**meta, "columns": columns, "cases": rows, "mean": mean}
+    write_atomic(out / "summary.csv", lambda tmp: tmp.write_text(text.getvalue()), overwrite)
+    write_atomic(out / "summary.json",
+                 lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"), overwrite)
+
+
+def rectify_paths(inputs: list[Path], out: Path, model: Path,
+                  settings: PredictSettings | None = None, which: str = "last",
+                  labels: Path | None = None, threshold: float = 0.97, preview: bool = False,
+                  overwrite: bool = False) -> list[dict[str, Any]]:
+    """Write the pseudo-label files of every case of ``inputs`` and the summary; returns rows."""
+    from crlnseg.inference.predictor import Predictor
+    from crlnseg.io import read_case_images, read_label, write_image
+
+    out = Path(out)
+    cases, _ = input_cases(inputs)
+    outputs = {case.id: case_outputs(case, out, preview) for case in cases}
+    label_paths = {c.id: find_label(Path(labels), c.id) for c in cases} if labels else {}
+    planned = [p for o in outputs.values() for p in [*o.files.values(), o.preview] if p]
+    check_outputs(planned + [out / "summary.csv", out / "summary.json"], overwrite)
+    predictor = Predictor.from_run(model, which, settings or PredictSettings())
+    n_classes = len(predictor.classes)
+    rows = []
+    for i, case in enumerate(cases, 1):
+        log(f"[{i}/{len(cases)}] {case.id}")
+        volume = read_case_images(case.images, predictor.prepare.h5_spacing)
+        label = (read_label(label_paths[case.id], reference=volume).array
+                 if case.id in label_paths else None)
+        pred = predictor.rectify_volume(volume)
+        o = outputs[case.id]
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {"rectified": pred.rectified, "raw": pred.raw, "confidence": pred.confidence,
+                  "reliable": (pred.confidence >= threshold).astype(np.uint8)}
+        for kind, path in o.files.items():
+            write_image(arrays[kind], volume, path, overwrite=overwrite)
+        if o.preview is not None:
+            from crlnseg.inference.preview import save_preview
+
+            o.preview.parent.mkdir(parents=True, exist_ok=True)
+            save_preview(volume.array[0], pred, o.preview, overwrite)
+        rows.append(case_row(case.id, pred, threshold, n_classes, label))
+    meta = {"model": str(model), "checkpoint": which, "threshold": threshold,
+            "classes": predictor.classes}
+    _write_summary(rows, out, meta, overwrite)
+    return rows
