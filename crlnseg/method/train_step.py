@@ -1,0 +1,266 @@
+"""One CRLN training iteration (METHOD.md Sec. 1-5), and the state it updates.
+
+    lr      <- poly(lr0, t, T)
+    x_l, x_u <- weak views;  ybar, M_T <- teacher(x_u)  (eval mode, no gradient)
+    yhat, c <- pseudo_labels(ybar + (1 - mu) M_T)   after warm-up, when rectifying; else of ybar
+    x_s, yhat_s, c_s <- strong view of (x_u, yhat, c)
+    L = w_sup seg(f(x_l), y) + w_rel seg(M(x_l), y) + w_unsup L_unsup + w_cps L_cps
+    student step on L; teacher <- EMA(student)
+    mu step on 0.5 seg(f(x_l) + (1 - mu) M(x_l), y), inputs detached, then mu clamped to [0, 1]
+Switches (settings.method): "supervised" (first term only), "mean-teacher" (no DIM, no
+rectification, no positive supervision), "crln" with ``rectify`` / ``positive_supervision``.
+Departure from the reference: the mu step reuses the detached f(x_l), M(x_l) of this iteration's
+student forward instead of a second forward after the student step (one forward less).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crlnseg.data.views import apply_strong, apply_weak, draw_strong_params, draw_weak_params
+from crlnseg.method.crln import CRLNModel, build_model
+from crlnseg.method.losses import IGNORE, pseudo_label_loss, segmentation_loss
+from crlnseg.method.mean_teacher import ema_decay, ema_update
+from crlnseg.method.positive_supervision import positive_supervision_loss
+from crlnseg.method.prototypes import class_summary
+from crlnseg.method.rectification import confident_share, pseudo_labels, rectify
+from crlnseg.settings import RunSettings
+
+__all__ = ["TrainState", "Batch", "StepRecord", "poly_lr", "warmup_iterations", "init_state",
+           "state_to_dict", "state_from_dict", "autocast", "student_losses", "train_step"]
+
+
+@dataclass
+class TrainState:
+    student: CRLNModel
+    teacher: CRLNModel
+    optimizer: torch.optim.Optimizer
+    mu_optimizer: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler | None
+    iteration: int = 0
+
+
+@dataclass
+class Batch:
+    labelled_image: Tensor  # (Bl, Cin, X, Y, Z) float
+    labelled_label: Tensor  # (Bl, X, Y, Z) long
+    unlabelled_image: Tensor  # (Bu, Cin, X, Y, Z) float, Bu may be 0
+
+
+@dataclass
+class StepRecord:
+    """Loss terms and diagnostics of one iteration; None where a term does not apply."""
+
+    loss: float
+    loss_supervised: float
+    loss_relation: float | None
+    loss_unsup: float | None
+    loss_cps: float | None
+    loss_mu: float | None
+    mu: float | None
+    lr: float
+    confident_raw: float | None
+    confident_rectified: float | None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
+    """lr = lr0 * (1 - t / T) ** power."""
+    return base * (1.0 - min(iteration, total) / total) ** power
+
+
+def warmup_iterations(fraction: float, total: int) -> int:
+    return int(round(fraction * total))
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(settings: RunSettings, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA when ``train.amp`` (bf16 where supported, else fp16); fp32 else."""
+    if device.type == "cuda" and settings.train.amp:
+        return torch.autocast("cuda", dtype=_amp_dtype(device))
+    return contextlib.nullcontext()
+
+
+def init_state(settings: RunSettings, device: torch.device) -> TrainState:
+    """Student (seeded with ``train.seed``), its EMA teacher, SGD, mu's optimiser, grad scaler."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.train.seed)
+        student = build_model(settings)
+    student.to(device)
+    if device.type == "cuda" and settings.train.channels_last:
+        student.to(memory_format=torch.channels_last_3d)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    o = settings.optim
+    params = [p for n, p in student.named_parameters() if n != "mu_raw"]
+    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                weight_decay=o.weight_decay)
+    mu_optimizer = (torch.optim.SGD([student.mu_raw], lr=settings.method.mu_lr, momentum=0.9)
+                    if student.has_relation else None)
+    fp16 = device.type == "cuda" and settings.train.amp and _amp_dtype(device) == torch.float16
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    return TrainState(student, teacher, optimizer, mu_optimizer, scaler, 0)
+
+
+def state_to_dict(state: TrainState) -> dict[str, Any]:
+    """Everything an exact resume needs (RNG states are the checkpoint's business)."""
+    return {"student": state.student.state_dict(), "teacher": state.teacher.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "mu_optimizer": state.mu_optimizer.state_dict() if state.mu_optimizer else None,
+            "scaler": state.scaler.state_dict() if state.scaler else None,
+            "iteration": state.iteration}
+
+
+def state_from_dict(state: TrainState, d: dict[str, Any]) -> None:
+    state.student.load_state_dict(d["student"])
+    state.teacher.load_state_dict(d["teacher"])
+    state.optimizer.load_state_dict(d["optimizer"])
+    if state.mu_optimizer is not None and d.get("mu_optimizer") is not None:
+        state.mu_optimizer.load_state_dict(d["mu_optimizer"])
+    if state.scaler is not None and d.get("scaler") is not None:
+        state.scaler.load_state_dict(d["scaler"])
+    state.iteration = int(d["iteration"])
+
+
+def _to(x: Tensor, device: torch.device, settings: RunSettings) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and settings.train.channels_last and x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+@torch.no_grad()
+def teacher_pseudo_labels(state: TrainState, x_u: Tensor, rectifying: bool, settings: RunSettings
+                          ) -> tuple[Tensor, Tensor, float, float | None]:
+    """(yhat, confidence, share confident before, after rectification) from the weak view."""
+    thr = settings.method.confidence_threshold
+    with autocast(settings, x_u.device):
+        out = state.teacher(x_u, with_relation=rectifying, embed="none")
+    label, conf = pseudo_labels(out.logits)
+    raw, rectified = confident_share(conf, thr), None
+    if rectifying and out.relation is not None:
+        mu = state.student.mu.detach()  # the mu being learned, not its EMA
+        label, conf = pseudo_labels(rectify(out.logits.float(), out.relation.float(), mu))
+        rectified = confident_share(conf, thr)
+    return label, conf, raw, rectified
+
+
+def student_losses(state: TrainState, x_l: Tensor, y_l: Tensor, x_s: Tensor | None,
+                   y_s: Tensor | None, c_s: Tensor | None, settings: RunSettings,
+                   generator: torch.Generator, after_warmup: bool
+                   ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+    """Weighted-free loss terms of the student, and the detached f(x_l), M(x_l) for the mu step.
+
+    P and the DIM enter only through ``relation`` = seg(M(x_l), y); positive supervision uses the
+    teacher's prototypes (no gradient) and the pseudo-label loss no M at all.
+    """
+    m, student = settings.method, state.student
+    n_l = x_l.shape[0]
+    use_cps = m.method == "crln" and m.positive_supervision
+    x = x_l if x_s is None else torch.cat([x_l, x_s])
+    net = student.backbone(x, embed="hidden" if use_cps else "none")
+    terms = {"supervised": segmentation_loss(net.logits[:n_l], y_l)}
+    relation = student.relation(net, n_l) if student.has_relation else None
+    if relation is not None:
+        terms["relation"] = segmentation_loss(relation, y_l)
+    if x_s is not None and m.method != "supervised":
+        terms["unsup"] = pseudo_label_loss(net.logits[n_l:], y_s, c_s, m.confidence_threshold)
+    if use_cps:
+        labels = y_l if y_s is None else torch.cat(
+            [y_l, torch.where(c_s >= m.weak_threshold, y_s, IGNORE)])
+        summary = None
+        if after_warmup and state.teacher.prototypes is not None:
+            summary = class_summary(state.teacher.prototypes().detach())
+        terms["cps"] = positive_supervision_loss(
+            net.embed_hidden, student.backbone.head.project_points, labels,
+            torch.softmax(net.logits.detach().float(), dim=1), summary, m.xi, generator,
+            anchors=m.anchors, negatives=m.negatives, temperature=m.temperature,
+            uncertain_below=m.confidence_threshold)
+    detached = None if relation is None else relation.detach()
+    return terms, net.logits[:n_l].detach(), detached
+
+
+def _mu_step(state: TrainState, f_l: Tensor, m_l: Tensor, y_l: Tensor) -> float:
+    """0.5 (CE + Dice)(f(x_l) + (1 - mu) M(x_l), y) on detached inputs; mu clamped to [0, 1]."""
+    assert state.mu_optimizer is not None
+    loss = 0.5 * segmentation_loss(rectify(f_l.float(), m_l.float(), state.student.mu), y_l)
+    state.mu_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.mu_optimizer.step()
+    state.student.clamp_mu_()
+    return float(loss.detach())
+
+
+def _views(batch: Batch, settings: RunSettings, generator: torch.Generator, device: torch.device
+           ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Weak views of the labelled (image, label) and unlabelled crops, on the device."""
+    x_l = batch.labelled_image.to(device, non_blocking=True)
+    square = x_l.shape[2] == x_l.shape[3]
+    weak = draw_weak_params(x_l.shape[0], generator, settings.augment, square)
+    x_l, y_l = apply_weak(x_l, batch.labelled_label.to(device, non_blocking=True), weak)
+    if batch.unlabelled_image.shape[0] == 0 or settings.method.method == "supervised":
+        return x_l, y_l, None
+    x_u = batch.unlabelled_image.to(device, non_blocking=True)
+    x_u, _ = apply_weak(x_u, None, draw_weak_params(x_u.shape[0], generator, settings.augment,
+                                                    square))
+    return x_l, y_l, x_u
+
+
+def _optimise(state: TrainState, loss: Tensor) -> None:
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        loss.backward()
+        state.optimizer.step()
+
+
+def train_step(state: TrainState, batch: Batch, settings: RunSettings,
+               generator: torch.Generator, total_iterations: int) -> StepRecord:
+    """One full iteration (module docstring); increments ``state.iteration``."""
+    m, device = settings.method, next(state.student.parameters()).device
+    lr = poly_lr(settings.optim.lr, state.iteration, total_iterations, settings.optim.poly_power)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    after_warmup = state.iteration >= warmup_iterations(m.warmup_fraction, total_iterations)
+    rectifying = m.method == "crln" and m.rectify and after_warmup
+    state.student.train()
+    state.teacher.eval()
+    x_l, y_l, x_u = _views(batch, settings, generator, device)
+    x_s = y_s = c_s = None
+    raw = rectified = None
+    if x_u is not None:
+        label, conf, raw, rectified = teacher_pseudo_labels(state, _to(x_u, device, settings),
+                                                            rectifying, settings)
+        x_s, y_s, c_s = apply_strong(x_u, label, conf, draw_strong_params(
+            x_u.shape[0], generator, settings.augment, x_u.shape[2] == x_u.shape[3]))
+        x_s = _to(x_s, device, settings)
+    weights = {"supervised": m.w_supervised, "relation": m.w_relation, "unsup": m.w_unsup,
+               "cps": m.w_cps}
+    with autocast(settings, device):
+        terms, f_l, m_l = student_losses(state, _to(x_l, device, settings), y_l, x_s, y_s, c_s,
+                                         settings, generator, after_warmup)
+    loss = sum(weights[k] * v for k, v in terms.items())
+    _optimise(state, loss)
+    ema_update(state.teacher, state.student, ema_decay(state.iteration, m.ema_decay))
+    loss_mu = _mu_step(state, f_l, m_l, y_l) if m_l is not None and state.mu_optimizer else None
+    state.iteration += 1
+    value = {k: float(v.detach()) for k, v in terms.items()}
+    return StepRecord(
+        loss=float(loss.detach()), loss_supervised=value["supervised"],
+        loss_relation=value.get("relation"), loss_unsup=value.get("unsup"),
+        loss_cps=value.get("cps"), loss_mu=loss_mu,
+        mu=float(state.student.mu.detach()) if state.student.has_relation else None, lr=lr,
+        confident_raw=raw, confident_rectified=rectified)
