@@ -122,30 +122,58 @@ def read_label(source: Path | Volume, reference: Volume | None = None,
 
 
 def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Geometry from SimpleITK's header reader; voxels from SimpleITK, or nibabel for NIfTI.
+
+    SimpleITK silently zero-fills a truncated ``.nii.gz``; nibabel detects it, so NIfTI voxels are
+    read with nibabel (same ``(X, Y, Z)`` index order, same scaling).
+    """
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
-        array = sitk.GetArrayFromImage(image)
+        reader.ReadImageInformation()
+        dim, vector = reader.GetDimension(), reader.GetNumberOfComponents() > 1
+        if dim != 3 and not (dim == 4 and not vector):
+            kind = f"{dim}D {'vector ' * vector}image"
+            raise DataError(f"{path}: {kind} of size {reader.GetSize()}, expected 3D")
+        if is_nifti(path):
+            array = _nifti_voxels(path)
+        else:
+            array = _sitk_order(sitk.GetArrayFromImage(reader.Execute()), dim, vector)
     except RuntimeError as err:
         raise DataError(f"{path}: unreadable or corrupt image ({_sitk_reason(err)})") from None
-    dim = image.GetDimension()
-    vector = image.GetNumberOfComponentsPerPixel() > 1
-    if dim != 3 and not (dim == 4 and not vector):
-        kind = f"{dim}D {'vector ' * vector}image"
-        raise DataError(f"{path}: {kind} of size {image.GetSize()}, expected 3D")
-    if vector:  # (Z, Y, X, C) -> (C, X, Y, Z)
-        array = array.transpose(3, 2, 1, 0)
-    elif dim == 4:  # (T, Z, Y, X) -> (T, X, Y, Z)
-        array = array.transpose(0, 3, 2, 1)
-    else:
-        array = array.transpose(2, 1, 0)
     _check_dims(array, path)
-    direction = np.asarray(image.GetDirection()).reshape(dim, dim)[:3, :3]
-    geometry = Geometry(spacing=tuple(float(s) for s in image.GetSpacing()[:3]),  # type: ignore[arg-type]
-                        origin=tuple(float(o) for o in image.GetOrigin()[:3]),  # type: ignore[arg-type]
-                        direction=tuple(float(d) for d in direction.ravel()))
+    direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3]
+    geometry = Geometry(spacing=tuple(float(s) for s in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
+                        origin=tuple(float(o) for o in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
+                        direction=tuple(float(d) + 0.0 for d in direction.ravel()))
     return array, geometry
+
+
+def _sitk_order(array: np.ndarray, dim: int, vector: bool) -> np.ndarray:
+    if vector:  # (Z, Y, X, C) -> (C, X, Y, Z)
+        return array.transpose(3, 2, 1, 0)
+    if dim == 4:  # (T, Z, Y, X) -> (T, X, Y, Z)
+        return array.transpose(0, 3, 2, 1)
+    return array.transpose(2, 1, 0)
+
+
+def _nifti_voxels(path: Path) -> np.ndarray:
+    """NIfTI voxels in ``(X, Y, Z)`` / ``(C, X, Y, Z)``, scaled; truncation is an error."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        array = np.asarray(image.dataobj)
+    except Exception as err:  # noqa: BLE001 - EOFError, zlib.error, OSError...: all mean corrupt
+        raise DataError(f"{path}: unreadable or corrupt image ({type(err).__name__}: "
+                        f"{_first_line(err)})") from None
+    if array.dtype == np.float64 and image.get_data_dtype() != np.float64:
+        array = array.astype(np.float32)  # scaled integers: float32 is exact enough (as ITK)
+    if array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector layout (X, Y, Z, 1, C)
+        array = array[:, :, :, 0]
+    return np.moveaxis(array, -1, 0) if array.ndim == 4 else array
 
 
 def _check_dims(array: np.ndarray, path: Path) -> None:
