@@ -305,32 +305,18 @@ def write_text(path: Path, text: str, overwrite: bool = False) -> None:
         raise
 
 
-# --- I/O: the project's reader when present, else a minimal private fallback -------------------
+# --- I/O -----------------------------------------------------------------------------------------
 
 def _read_image(path: Path) -> object:
     """A mask volume; for an HDF5 case file, its ``label`` dataset."""
-    try:
-        from crlnseg.io.readers import read_h5_case, read_image
-    except ImportError:
-        return _read_image_sitk(path)
+    from crlnseg.io.readers import read_h5_case, read_image
+
     if split_suffix(path)[1].lower() in (".h5", ".hdf5"):
         label = read_h5_case(path)[1]
         if label is None:
             raise DataError(f"{path}: HDF5 file has no 'label' dataset")
         return label
     return read_image(path)
-
-
-def _read_image_sitk(path: Path) -> object:
-    import SimpleITK as sitk
-
-    from crlnseg.io.volume import Geometry, Volume
-
-    image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image).transpose()  # (Z, Y, X) -> (X, Y, Z)
-    geometry = Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                        tuple(image.GetDirection()))
-    return Volume(array, geometry, Path(path))
 
 
 def _discover(folder: Path) -> dict[str, Path]:
