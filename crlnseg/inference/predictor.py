@@ -101,7 +101,8 @@ class Predictor:
 
     @property
     def mu(self) -> float:
-        return float(getattr(self.model, "mu", 1.0))
+        mu = getattr(self.model, "mu", None)
+        return 1.0 if mu is None else float(torch.as_tensor(mu).detach())
 
     # -- the network on patches --------------------------------------------------------------
     def _patch_fn(self, heads: Heads) -> Callable[[torch.Tensor], torch.Tensor]:
