@@ -90,14 +90,26 @@ def evaluate_pair(pair: Pair, classes: list[int] | None, voxel_units: bool
         raise DataError(f"case {pair.case}: prediction shape {pred.shape} != ground-truth "
                         f"shape {gt.shape} ({pair.pred})")
     if not pred_geometry.close_to(gt_geometry, 1e-4):
-        raise DataError(f"case {pair.case}: prediction geometry {pred_geometry} differs from "
-                        f"ground truth {gt_geometry} by more than 1e-4 ({pair.pred})")
+        raise DataError(f"case {pair.case}: prediction geometry differs from the ground truth "
+                        f"by more than 1e-4: {_difference(pred_geometry, gt_geometry)} "
+                        f"({pair.pred})")
     gt_labels = [int(v) for v in np.unique(gt) if v != 0]
     if classes is None:
         classes = sorted(set(gt_labels) | {int(v) for v in np.unique(pred) if v != 0})
     spacing = None if voxel_units else tuple(gt_geometry.spacing)
     rows = case_metrics(pred, gt, classes, spacing)
     return [{"case": pair.case, **row} for row in rows], gt_labels
+
+
+def _difference(pred: object, gt: object) -> str:
+    """``"spacing (1, 1, 1.3) vs (1, 1, 1.25)"`` for each geometry field that differs."""
+    parts = []
+    for name in ("spacing", "origin", "direction"):
+        a, b = np.asarray(getattr(pred, name)), np.asarray(getattr(gt, name))
+        if not np.allclose(a, b, rtol=0.0, atol=1e-4):
+            text = [", ".join(f"{x:.6g}" for x in v) for v in (a, b)]
+            parts.append(f"{name} ({text[0]}) vs ({text[1]})")
+    return "; ".join(parts)
 
 
 def _run(job: tuple[Pair, list[int] | None, bool]) -> tuple[list[dict], list[int]]:
@@ -145,6 +157,9 @@ def evaluate_pairs(pairs: list[Pair], settings: EvaluateSettings) -> Report:
     classes = settings.classes
     if classes is None:
         classes = sorted({k for _, labels in results for k in labels})
+        if not classes:
+            raise DataError("no non-zero label in any ground-truth mask: name the labels to "
+                            "score with --classes")
     rows = []
     for pair, (case_rows, _) in zip(pairs, results, strict=True):
         if pair.pred is None or pair.gt is None:

@@ -218,3 +218,14 @@ def test_library_errors_name_the_case(folders) -> None:
         evaluate(pred_dir / "case0.nii.gz", gt_dir, EvaluateSettings())
     with pytest.raises(DataError, match="does not exist"):
         evaluate(pred_dir / "nope", gt_dir, EvaluateSettings())
+
+
+def test_all_empty_ground_truth_needs_classes(tmp_path: Path) -> None:
+    empty = np.zeros(SHAPE, np.uint8)
+    _write(tmp_path / "p.nii.gz", empty)
+    _write(tmp_path / "g.nii.gz", empty)
+    with pytest.raises(DataError, match="--classes"):
+        evaluate(tmp_path / "p.nii.gz", tmp_path / "g.nii.gz", EvaluateSettings())
+    report = evaluate(tmp_path / "p.nii.gz", tmp_path / "g.nii.gz", EvaluateSettings(classes=[1]))
+    assert report.rows == [{"case": "g", "class": 1, "dice": 1.0, "jaccard": 1.0, "hd95": 0.0,
+                            "asd": 0.0}]
