@@ -46,6 +46,20 @@ class PrepareSettings(Strict):
     interpolation: Literal["linear", "bspline"] = Field("bspline", description="image resampling (labels: nearest): linear or cubic B-spline as nnU-Net")
     h5_spacing: Triple = Field((1.0, 1.0, 1.0), description="spacing assumed for HDF5 cases, which store none")
 
+    @field_validator("target_spacing", "h5_spacing")
+    @classmethod
+    def _positive_spacing(cls, spacing: Triple | None) -> Triple | None:
+        if spacing is not None and min(spacing) <= 0:
+            raise ValueError(f"spacing must be positive, got {spacing}")
+        return spacing
+
+    @field_validator("ct_window")
+    @classmethod
+    def _ordered_window(cls, window: tuple[float, float]) -> tuple[float, float]:
+        if window[0] >= window[1]:
+            raise ValueError(f"the window needs LO < HI, got {window}")
+        return window
+
 
 class ModelSettings(Strict):
     """Backbone and CRLN modules (paper Sec. 3)."""

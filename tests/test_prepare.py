@@ -281,3 +281,11 @@ def test_real_data(shared_data: Path, tmp_path: Path) -> None:
     h5 = prepare_dataset(shared_data / "la_h5", tmp_path / "h5",
                          PrepareSettings(h5_spacing=(0.625, 0.625, 0.625)))
     assert len(h5.ids) == 2 and all(h5.label(i) is not None for i in h5.ids)
+
+
+@pytest.mark.parametrize("option", [["--ct-window", "5", "1"], ["--target-spacing", "0", "1", "1"],
+                                    ["--normalize", "max"]])
+def test_invalid_options_exit_2(tmp_path: Path, option: list[str]) -> None:
+    src, out = dataset(tmp_path / "src", n=1), tmp_path / "out"
+    result = prepare(src, "-o", out, *option)
+    assert result.exit_code == 2 and option[0] in result.stderr and not out.exists()
