@@ -21,13 +21,16 @@ def register(app: typer.Typer) -> None:
         normalize: str = typer.Option("zscore", help="zscore | ct | minmax | none."),
         ct_window: tuple[float, float] = typer.Option(
             (-1000.0, 1000.0), metavar="LO HI", help="Clip window for --normalize ct."),
-        crop_nonzero: bool = typer.Option(False, help="Crop to the box of non-zero voxels."),
+        crop_nonzero: bool = typer.Option(
+            False, "--crop-nonzero", help="Crop to the box of non-zero voxels."),
         interpolation: str = typer.Option("bspline", help="Image resampling: bspline | linear."),
         h5_spacing: tuple[float, float, float] = typer.Option(
             (1.0, 1.0, 1.0), metavar="X Y Z", help="Spacing of HDF5 cases (they store none)."),
-        workers: int = typer.Option(1, min=1, help="Parallel processes."),
-        overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
-        keep_going: bool = typer.Option(False, help="Skip bad cases (listed at the end)."),
+        workers: int = typer.Option(1, "--workers", "-j", min=1, help="Parallel processes."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace a cache made with other settings."),
+        keep_going: bool = typer.Option(
+            False, "--keep-going", help="Skip bad cases (listed at the end)."),
     ) -> None:
         from pydantic import ValidationError
 
