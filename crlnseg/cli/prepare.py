@@ -50,5 +50,6 @@ def register(app: typer.Typer) -> None:
                                    keep_going=keep_going)
         new = len(manifest.cases) - manifest.skipped
         failed = f", {len(manifest.failed)} failed" if manifest.failed else ""
-        print(f"prepared {len(manifest.cases)} cases -> {out} ({new} new, "
+        n = len(manifest.cases)
+        print(f"prepared {n} case{'s' * (n != 1)} -> {out} ({new} new, "
               f"{manifest.skipped} already prepared{failed})")
