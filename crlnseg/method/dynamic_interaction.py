@@ -10,7 +10,9 @@ Stage s (1/4 resolution, width F; then 1/2 resolution, width F/2):
 Between stages the prototypes move to the next width with a linear map (F -> F/2). The finest
 stage's cue maps pass a class-mixing 1x1x1 conv, a stride-2 transposed conv to the input size and
 a ReLU: M(x) >= 0. The coarse stage shapes M only through the refined prototypes, so it computes
-no cue map (the reference computes one and discards it).
+no cue map (the reference computes one and discards it); the finest stage's prototype update
+feeds nothing, so it is not computed either (no parameter is left without a gradient, which DDP
+also requires).
 Departures from the reference: per-map normalisation instead of a LayerNorm over N (no parameter
 depends on the crop size); the update is added to its input and class/prototype axes are
 transposed, not reshaped (the intended operations).
@@ -31,7 +33,8 @@ def normalise_maps(a: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -
 
 
 class InteractionStage(nn.Module):
-    """One stage: pairwise interaction, then (if ``spatial``) spatial and prototype aggregation."""
+    """One stage: interaction maps A; then the prototype update (coarse stage) or the spatial
+    and prototype aggregation into cue maps (finest stage)."""
 
     def __init__(self, in_channels: int, width: int, num_classes: int, per_class: int,
                  spatial: bool) -> None:
@@ -39,14 +42,15 @@ class InteractionStage(nn.Module):
         self.tokens = nn.Conv3d(in_channels, width, 1)
         self.token_norm = nn.LayerNorm(width)
         self.query_norm = nn.LayerNorm(width)
-        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
-        self.proj = nn.Linear(width, width)
-        self.mlp_norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
-                                 nn.Linear(4 * width, width))
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
         self.num_classes, self.per_class, self.scale = num_classes, per_class, width**-0.5
         self.spatial: nn.Module | None = None
-        if spatial:
+        if not spatial:
+            self.v, self.proj = nn.Linear(width, width), nn.Linear(width, width)
+            self.mlp_norm = nn.LayerNorm(width)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                     nn.Linear(4 * width, width))
+        else:
             k = num_classes * per_class
             self.map_scale = nn.Parameter(torch.ones(k))
             self.map_shift = nn.Parameter(torch.zeros(k))
@@ -63,11 +67,9 @@ class InteractionStage(nn.Module):
         tokens = self.token_norm(self.tokens(feat).flatten(2).transpose(1, 2))  # (B, N, D)
         q = self.q(self.query_norm(protos))
         a = (q @ self.k(tokens).transpose(1, 2)) * self.scale  # (B, K, N)
-        update = a.softmax(dim=-1) @ self.v(tokens)
-        protos = protos + self.proj(update)
-        protos = protos + self.mlp(self.mlp_norm(protos))
         if self.spatial is None:
-            return protos, None
+            protos = protos + self.proj(a.softmax(dim=-1) @ self.v(tokens))  # residual, not 2x
+            return protos + self.mlp(self.mlp_norm(protos)), None
         a = normalise_maps(a.float(), self.map_scale, self.map_shift).to(feat.dtype)
         # K = C*R is class-major, so this view is the intended (class, prototype) split.
         maps = a.reshape(b * self.num_classes, self.per_class, *size)

@@ -1,0 +1,98 @@
+"""Time and peak memory of one CRLN iteration against one plain mean-teacher iteration.
+
+Each (method, size) runs in its own subprocess so that its peak memory (RSS on the CPU, CUDA
+allocator peak on a GPU) is its own; ratios are taken within one invocation of this script.
+Run by hand, not by pytest:
+
+    OMP_NUM_THREADS=2 python benchmarks/iteration_speed.py --threads 2
+    python benchmarks/iteration_speed.py --device cuda --amp --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from crlnseg.method.train_step import Batch, init_state, train_step
+    from crlnseg.settings import RunSettings
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    size = tuple(int(s) for s in args.size.split("x"))
+    settings = RunSettings.model_validate({
+        "model": {"base_filters": args.base_filters, "prototypes_per_class": args.prototypes,
+                  "prototype_dim": args.prototype_dim},
+        # warm-up 0: every timed iteration rectifies, the full CRLN path.
+        "method": {"method": args.method, "warmup_fraction": 0.0},
+        "train": {"patch": size, "amp": args.amp, "channels_last": args.channels_last}})
+    state = init_state(settings, device)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, *size)
+    smooth = torch.nn.functional.avg_pool3d(x, 9, stride=1, padding=4)
+    batch = Batch(x[:2], (smooth[:2, 0] > 0.05).long(), x[2:])
+    times = []
+    for i in range(args.warmup + args.iterations):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step(state, batch, settings, gen, total_iterations=1000)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return {"method": args.method, "size": args.size, "median_s": statistics.median(times),
+            "times_s": [round(t, 3) for t in times], "peak_gib": round(peak, 3),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["64x64x48", "112x112x80"])
+    p.add_argument("--methods", nargs="+", default=["mean-teacher", "crln"])
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--base-filters", type=int, default=16)
+    p.add_argument("--prototypes", type=int, default=16)
+    p.add_argument("--prototype-dim", type=int, default=64)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    passthrough = [a for a in sys.argv[1:]]
+    rows = []
+    for size in args.sizes:
+        for method in args.methods:
+            cmd = [sys.executable, __file__, *passthrough, "--worker", "--method", method,
+                   "--size", size]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print("| size | method | median s/iter | peak GiB | x mean-teacher time | x MT memory |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(b for b in rows if b["size"] == r["size"] and b["method"] == args.methods[0])
+        print(f"| {r['size']} | {r['method']} | {r['median_s']:.2f} | {r['peak_gib']:.2f} | "
+              f"{r['median_s'] / base['median_s']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
