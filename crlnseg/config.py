@@ -19,7 +19,7 @@ from crlnseg.errors import ConfigError
 from crlnseg.settings import PRESETS, RunSettings
 
 __all__ = ["resolve_settings", "load_config_file", "parse_set", "deep_merge", "validation_message",
-           "settings_from_dict"]
+           "settings_from_dict", "saved_run_settings"]
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,3 +149,14 @@ def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
         elif value is not None:
             out[key] = value
     return out
+
+
+def saved_run_settings(run_dir: Path) -> dict[str, Any] | None:
+    """A run's saved ``settings.json`` (the base layer of ``--resume``), or None."""
+    path = Path(run_dir) / "settings.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise ConfigError(f"{path}: unreadable run settings") from None

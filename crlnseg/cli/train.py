@@ -1,14 +1,84 @@
-"""`crlnseg train` (not implemented yet)."""
+"""`crlnseg train`: semi-supervised training into a run folder (resumable, multi-process)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
-from crlnseg.cli.app import handle_errors, not_implemented
+from crlnseg.cli.app import handle_errors
+
+HELP = "\n\n".join([
+    "Train a model on labelled and unlabelled scans (CRLN, mean teacher or supervised).",
+    "--labelled / --unlabelled / --val take raw folders (the layouts prepare reads) or prepare "
+    "outputs; raw folders are prepared into RUN_DIR/prepared (reused by later runs).",
+    "Settings: defaults < --preset < --config FILE (YAML/JSON) < options < --set key=value "
+    "(e.g. --set method.xi=0.9 --set train.patch=96,96,96). --print-config shows the result.",
+    "RUN_DIR gets settings.json, environment.json, metrics.jsonl, training.png and checkpoints/ "
+    "(last.pt, iter_<N>.pt, best.pt with --val). SIGINT/SIGTERM save last.pt and exit with "
+    "128+signal (130/143); --resume continues exactly; --resume --iterations N extends a run "
+    "(the poly schedule is recomputed for the new total).",
+    "Multi-GPU: --gpus N; or torchrun --nproc-per-node N -m crlnseg train ...; CPU processes for "
+    "testing: --device cpu --nproc N.",
+])
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("train", help="Train a model on labelled and unlabelled scans (CRLN, mean teacher or supervised).")
+    @app.command("train", help=HELP)
     @handle_errors
-    def train() -> None:
-        not_implemented("train")
+    def train(
+        labelled: Path = typer.Option(None, "--labelled",
+                                      help="Images + labels (raw or prepared)."),
+        unlabelled: Path = typer.Option(None, "--unlabelled", help="Images (raw or prepared)."),
+        output: Path = typer.Option(None, "-o", "--output", help="Run folder RUN_DIR."),
+        val: Path = typer.Option(None, "--val", help="Validation images + labels (never the test "
+                                 "set): Dice during training and best.pt."),
+        config: Path = typer.Option(None, "--config", help="Settings file (YAML or JSON)."),
+        preset: str = typer.Option(None, "--preset", help="la8, la16, pancreas6, pancreas12, "
+                                   "brats25, brats50 or cpu."),
+        method: str = typer.Option(None, "--method", help="crln, mean-teacher or supervised."),
+        iterations: int = typer.Option(None, "--iterations", help="Training iterations."),
+        patch: tuple[int, int, int] = typer.Option(None, "--patch", help="Crop size X Y Z."),
+        batch_labelled: int = typer.Option(None, "--batch-labelled", help="Labelled crops."),
+        batch_unlabelled: int = typer.Option(None, "--batch-unlabelled", help="Unlabelled crops."),
+        base_filters: int = typer.Option(None, "--base-filters", help="Backbone width."),
+        device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+        gpus: int = typer.Option(0, "--gpus", help="Train with N CUDA processes."),
+        nproc: int = typer.Option(1, "--nproc", help="Processes (CPU ranks with --device cpu)."),
+        amp: bool = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA."),
+        seed: int = typer.Option(None, "--seed", help="Random seed."),
+        log_every: int = typer.Option(None, "--log-every", help="Iterations per metrics line."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in RUN_DIR."),
+        sets: list[str] = typer.Option([], "--set",
+                                       help="Override any setting: section.key=value."),
+        print_config: bool = typer.Option(False, "--print-config", help="Print the resolved "
+                                          "settings as JSON and exit."),
+    ) -> None:
+        from crlnseg.config import resolve_settings, saved_run_settings
+        from crlnseg.errors import ConfigError
+
+        options = {"method": {"method": method}, "model": {"base_filters": base_filters},
+                   "train": {"iterations": iterations, "patch": patch, "seed": seed,
+                             "batch_labelled": batch_labelled, "device": device, "amp": amp,
+                             "batch_unlabelled": batch_unlabelled, "log_every": log_every}}
+        base = saved_run_settings(output) if resume and output is not None else None
+        settings = resolve_settings(preset, config, options, sets, base=base)
+        if print_config:
+            print(json.dumps(settings.model_dump(mode="json"), indent=2))
+            return
+        if labelled is None or output is None:
+            raise ConfigError("--labelled and -o/--output are required")
+        from crlnseg.console import log
+        from crlnseg.train import train as run_train
+
+        result = run_train(labelled, unlabelled, output, settings, val=val, gpus=gpus,
+                           nproc=nproc, resume=resume, overwrite=overwrite)
+        print(json.dumps({"run_dir": str(result.run_dir), "iteration": result.iteration,
+                          "iterations": result.total, "val_dice": result.val_dice,
+                          "best_val_dice": result.best_val_dice}))
+        if result.stopped_by is not None:
+            log(f"stopped by signal {result.stopped_by} at iteration {result.iteration}; "
+                f"continue with: crlnseg train ... -o {output} --resume")
+            raise typer.Exit(128 + int(result.stopped_by))

@@ -74,9 +74,9 @@ def foreground_index(label: np.ndarray, num_classes: int) -> dict[int, np.ndarra
 class IterationBatches(Dataset):
     """``dataset[t]`` is iteration ``t``'s batch for this rank, as a dict of tensors.
 
-    ``labelled_image (Bl, C, X, Y, Z)`` float32, ``labelled_label (Bl, X, Y, Z)`` int64 and, when
-    ``batch_unlabelled > 0``, ``unlabelled_image (Bu, C, X, Y, Z)``. Manifests are opened lazily
-    in each worker (memory maps are not pickled).
+    ``labelled_image (Bl, C, X, Y, Z)`` float32, ``labelled_label (Bl, X, Y, Z)`` int64 and
+    ``unlabelled_image (Bu, C, X, Y, Z)`` (``Bu = 0`` without unlabelled data). Manifests are
+    opened lazily in each worker (memory maps are not pickled).
     """
 
     def __init__(self, labelled: Path, unlabelled: Path | None, patch: Sequence[int],
@@ -135,10 +135,11 @@ class IterationBatches(Dataset):
         labels = np.stack([p[1] for p in pairs]).astype(np.int64)
         out = {"labelled_image": torch.from_numpy(images),
                "labelled_label": torch.from_numpy(labels)}
-        if self.batch[1]:
-            rng = self.rng(iteration, STREAM_UNLABELLED)
-            crops = [self._unlabelled_crop(unlabelled, rng) for _ in range(self.batch[1])]
-            out["unlabelled_image"] = torch.from_numpy(np.stack(crops).astype(np.float32))
+        rng = self.rng(iteration, STREAM_UNLABELLED)
+        crops = [self._unlabelled_crop(unlabelled, rng) for _ in range(self.batch[1])]
+        # (0, C, X, Y, Z) when there is no unlabelled data
+        unlabelled_images = np.stack(crops).astype(np.float32) if crops else images[:0]
+        out["unlabelled_image"] = torch.from_numpy(unlabelled_images)
         return out
 
 
@@ -146,8 +147,15 @@ def make_loader(dataset: IterationBatches, start: int, stop: int, num_workers: i
                 pin_memory: bool) -> DataLoader:
     """Iterations ``start .. stop - 1`` in order, prepared ahead by ``num_workers`` processes."""
     return DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=4 if num_workers > 0 else None)
+                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
+                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: workers keep serving while the loop saves and exits.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_training_data(labelled: Any, unlabelled: Any | None, patch: Sequence[int],

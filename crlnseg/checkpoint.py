@@ -1,0 +1,141 @@
+"""Self-describing checkpoints: save atomically, load weights-only, resume exactly.
+
+A checkpoint is one ``torch.save`` of plain containers, tensors, numbers and strings (so
+``torch.load(weights_only=True)`` reads it)::
+
+    {"format": "crlnseg-checkpoint", "format_version": 1, "crlnseg_version", "torch_version",
+     "settings": RunSettings as JSON, "meta": {"classes", "channels", "prepare", "iteration", ...},
+     "state": state_to_dict(TrainState), "rng": {"torch", "numpy", "python"}}
+
+The training loop draws its randomness from generators seeded by ``(seed, rank, iteration)``, so
+``state`` + ``meta.iteration`` are enough to resume exactly; the global RNG states are stored too
+(restored on resume) so that code outside the loop's control also replays.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from crlnseg import __version__
+from crlnseg.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from crlnseg.settings import RunSettings
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "copy_checkpoint", "load_checkpoint",
+           "resolve_checkpoint", "load_inference_model", "rng_state", "set_rng_state"]
+
+FORMAT = "crlnseg-checkpoint"
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """Global torch / numpy / python RNG states as weights-only-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, state: Any, settings: RunSettings, meta: dict) -> None:
+    """Write ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    from crlnseg.method.train_step import state_to_dict
+
+    _atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "crlnseg_version": __version__, "torch_version": str(torch.__version__),
+                  "settings": settings.model_dump(mode="json"), "meta": dict(meta),
+                  "state": state_to_dict(state), "rng": rng_state()}, Path(path))
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Atomic copy (periodic ``iter_<N>.pt`` and ``best.pt`` from ``last.pt``)."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
+    """Read a checkpoint (weights only); anything else is a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is "not a checkpoint"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable crlnseg checkpoint "
+                              f"({first[:120]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a crlnseg checkpoint")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {data.get('format_version')} is "
+                              f"not supported (this crlnseg reads version {FORMAT_VERSION})")
+    return data
+
+
+def resolve_checkpoint(model: Path, which: str = "last") -> Path:
+    """A run folder (``RUN/checkpoints/<which>.pt``) or a ``.pt`` file; ``which`` may be a path."""
+    model = Path(model)
+    if which not in ("last", "best"):
+        return Path(which)
+    if model.is_dir():
+        path = model / "checkpoints" / f"{which}.pt"
+        if not path.is_file():
+            hint = " (best.pt exists only for runs trained with --val)" if which == "best" else ""
+            raise CheckpointError(f"{model}: no checkpoints/{which}.pt in this run folder{hint}")
+        return path
+    if not model.exists():
+        raise CheckpointError(f"{model}: no such run folder or checkpoint")
+    return model
+
+
+def load_inference_model(model: Path, which: str = "last",
+                         device: Any = "cpu") -> tuple[Any, RunSettings, dict]:
+    """The EMA teacher (what inference uses) in eval mode, the run's settings and its meta."""
+    from crlnseg.config import settings_from_dict
+    from crlnseg.method.crln import build_model
+
+    path = resolve_checkpoint(model, which)
+    data = load_checkpoint(path, map_location="cpu")
+    settings = settings_from_dict(data["settings"], source=str(path))
+    net = build_model(settings)
+    try:
+        net.load_state_dict(data["state"]["teacher"])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: teacher weights do not match the model "
+                              f"({str(err).splitlines()[0][:120]})") from None
+    return net.to(device).eval(), settings, data["meta"]

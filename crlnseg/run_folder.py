@@ -1,0 +1,172 @@
+"""The run folder's bookkeeping: settings.json, environment.json, metrics.jsonl and progress.
+
+Layout written by ``crlnseg train`` (rank 0 only)::
+
+    RUN/settings.json            resolved RunSettings
+    RUN/environment.json         package versions, device, torch / CUDA, git commit when known
+    RUN/metrics.jsonl            one JSON line per logging step (window means) and per validation
+    RUN/training.png             curves of metrics.jsonl
+    RUN/checkpoints/last.pt      iter_<N>.pt (periodic), best.pt (only with --val)
+    RUN/prepared/{labelled,unlabelled,val}   caches of raw inputs prepared on the fly
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from crlnseg.console import console, is_interactive
+
+__all__ = ["write_json", "environment_info", "MetricsLog", "Progress", "read_metrics"]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (temporary file in the same folder, then ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment_info(device: str, world_size: int) -> dict[str, Any]:
+    """What produced the run: versions, host, device (and GPU names), processes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    packages = {}
+    for name in ("crlnseg", "torch", "numpy", "scipy", "pydantic", "nibabel", "SimpleITK"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "host": platform.node(), "packages": packages, "torch_version": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if gpus else None,
+            "device": device, "gpus": gpus, "world_size": world_size,
+            "cpu_threads": torch.get_num_threads(), "git_commit": _git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """Window means of every StepRecord field, one ``metrics.jsonl`` line per logging step."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.window_start = time.perf_counter()
+        self.window_iterations = 0
+
+    def add(self, record: Any) -> None:
+        fields = asdict(record) if is_dataclass(record) else dict(record)
+        for key, value in fields.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+                self.counts[key] = self.counts.get(key, 0) + 1
+            else:
+                self.sums.setdefault(key, math.nan)
+        self.window_iterations += 1
+
+    def flush(self, iteration: int) -> dict[str, Any]:
+        """Write (rank 0) and return the window's line; start a new window."""
+        elapsed = time.perf_counter() - self.window_start
+        line: dict[str, Any] = {"iteration": iteration}
+        for key in self.sums:
+            line[key] = _finite(self.sums[key] / self.counts[key]) if self.counts.get(key) else None
+        line["it_per_s"] = self.window_iterations / elapsed if elapsed > 0 else None
+        self.write(line)
+        self.sums, self.counts, self.window_iterations = {}, {}, 0
+        self.window_start = time.perf_counter()
+        return line
+
+    def write(self, line: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _losses(line: dict[str, Any]) -> str:
+    keys = ("loss", "loss_supervised", "loss_relation", "loss_unsup", "loss_cps", "mu")
+    return " ".join(f"{k.removeprefix('loss_')}={line[k]:.4f}" for k in keys
+                    if isinstance(line.get(k), float))
+
+
+class Progress:
+    """A rich bar (it/s, ETA, current losses) on a terminal; else a plain line per log step."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.bar = total, None
+        self.enabled = enabled
+        if enabled and is_interactive():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[rate]}"),
+                           TimeElapsedColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[losses]}"), console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, rate="",
+                                          losses="")
+            self.bar.start()
+
+    def advance(self, iteration: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=iteration)
+
+    def logged(self, line: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rate = line.get("it_per_s") or 0.0
+        if self.bar is not None:
+            self.bar.update(self.task, rate=f"{rate:.2f} it/s", losses=_losses(line))
+            return
+        left = (self.total - line["iteration"]) / rate if rate else math.nan
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+        print(f"iteration {line['iteration']}/{self.total} {rate:.2f} it/s ETA {eta} "
+              f"{_losses(line)}", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled and self.bar is not None:
+            self.bar.console.print(text)
+        elif self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,237 @@
+"""``crlnseg train``: the loop around one CRLN iteration, on one or many processes.
+
+    plan (rank 0 / parent): check RUN_DIR, prepare raw inputs, infer C and channels, check data,
+                            check a resume, write settings.json and environment.json
+    each rank:  state <- init_state (or the last checkpoint); for t in start .. T - 1:
+                    seed (seed, rank, t); batch <- loader[t]; record <- train_step(...)
+                    sync BatchNorm buffers; log; validate; checkpoint; stop on SIGINT / SIGTERM
+
+Randomness of iteration t comes only from generators seeded by (seed, rank, t) (patch sampling,
+augmentation, dropout), so a resumed run replays an uninterrupted one exactly on the CPU.
+Data parallelism: every rank samples its own patches; gradients are averaged over ranks (one
+bucketed all-reduce before each optimiser step, see :mod:`crlnseg.parallel`); rank 0 writes.
+Extending a finished run (``--resume --iterations N``) recomputes the poly schedule for the new
+total, so the learning rate jumps up to its value at t / N_new.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crlnseg.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from crlnseg.errors import RunFailure
+from crlnseg.settings import RunSettings
+
+__all__ = ["RunPlan", "TrainResult", "train", "run_worker", "seed_iteration"]
+
+
+@dataclass
+class RunPlan:
+    """What every rank needs (picklable; sent to spawned processes)."""
+
+    out: Path
+    settings: RunSettings
+    labelled: Path
+    unlabelled: Path | None
+    val: Path | None
+    meta: dict[str, Any]
+    resume: bool
+    device_type: str
+    world_size: int
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iteration: int
+    total: int
+    stopped_by: int | None = None  # signal number when interrupted
+    val_dice: float | None = None
+    best_val_dice: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_iteration(seed: int, rank: int, iteration: int, generator: torch.Generator) -> None:
+    """Seed the global torch RNG (dropout) and the step's generator from (seed, rank, t)."""
+    import numpy as np
+
+    a, b = np.random.SeedSequence((seed, rank, iteration)).generate_state(2, np.uint64)
+    torch.manual_seed(int(a) >> 1)
+    generator.manual_seed(int(b) >> 1)
+
+
+def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> TrainResult:
+    from crlnseg.method.train_step import Batch, train_step
+    from crlnseg.parallel import StopFlag, sync_buffers
+    from crlnseg.run_folder import MetricsLog, Progress
+    from crlnseg.validation import validate
+
+    s, t = plan.settings, plan.settings.train
+    total, start, run = t.iterations, state.iteration, plan.out
+    log = MetricsLog(run / "metrics.jsonl" if d.is_main else None)
+    progress = Progress(total, start, enabled=d.is_main)
+    stop, generator = StopFlag.install(), torch.Generator()
+    result = TrainResult(run, start, total, best_val_dice=plan.meta.get("best_val_dice"))
+    try:
+        for iteration, batch in zip(range(start, total), loader, strict=False):
+            seed_iteration(t.seed, d.rank, iteration, generator)
+            batch = Batch(**{k: v.to(d.device, non_blocking=True) for k, v in batch.items()})
+            with _out_of_memory_hint(s, d, iteration):
+                record = train_step(state, batch, s, generator, total)
+            sync_buffers(state, d)
+            state.iteration = done = iteration + 1
+            log.add(record)
+            progress.advance(done)
+            last = done == total
+            if done % t.log_every == 0 or last:
+                progress.logged(log.flush(done))
+            improved = False
+            if val_data is not None and (done % t.val_every == 0 or last):
+                dice, per_case = validate(state.teacher, val_data, s, d.device, d.rank,
+                                          d.world_size)
+                log.write({"iteration": done, "val_dice": dice, "val_per_case": per_case})
+                progress.message(f"iteration {done}: validation Dice {dice:.4f}")
+                result.val_dice = dice
+                improved = result.best_val_dice is None or dice > result.best_val_dice
+                result.best_val_dice = max(dice, result.best_val_dice or -math.inf)
+            stopped = stop.requested(d)
+            if done % t.checkpoint_every == 0 or last or improved or stopped:
+                _checkpoint(plan, d, state, done, result.best_val_dice,
+                            periodic=done % t.checkpoint_every == 0, best=improved)
+            if d.is_main and (done % t.log_every == 0 or last or stopped):
+                _plot(run)
+            result.iteration = done
+            if stopped:
+                result.stopped_by = stop.signum or signal.SIGTERM
+                progress.message(f"stopped at iteration {done}; checkpoint saved")
+                break
+    finally:
+        progress.close()
+        stop.uninstall()
+    return result
+
+
+def _checkpoint(plan: RunPlan, d: Any, state: Any, done: int, best_dice: float | None,
+                periodic: bool, best: bool) -> None:
+    if not d.is_main:
+        return
+    folder = plan.out / "checkpoints"
+    meta = {**plan.meta, "iteration": done, "total_iterations": plan.settings.train.iterations,
+            "world_size": d.world_size, "best_val_dice": best_dice}
+    save_checkpoint(folder / "last.pt", state, plan.settings, meta)
+    if periodic:
+        copy_checkpoint(folder / "last.pt", folder / f"iter_{done}.pt")
+    if best:
+        copy_checkpoint(folder / "last.pt", folder / "best.pt")
+
+
+def _plot(run: Path) -> None:
+    from crlnseg.plot import plot_training
+    from crlnseg.run_folder import read_metrics
+
+    plot_training(read_metrics(run / "metrics.jsonl"), run / "training.png")
+
+
+class _out_of_memory_hint:
+    """Turn an out-of-memory error of one step into a RunFailure with what to change."""
+
+    def __init__(self, settings: RunSettings, d: Any, iteration: int) -> None:
+        self.settings, self.d, self.iteration = settings, d, iteration
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        oom = kind is not None and (issubclass(kind, MemoryError | torch.OutOfMemoryError) or (
+            issubclass(kind, RuntimeError) and "out of memory" in str(err).lower()))
+        if oom:
+            t = self.settings.train
+            raise RunFailure(
+                f"out of memory on {self.d.device} at iteration {self.iteration} (patch "
+                f"{t.patch}, batch {t.batch_labelled}+{t.batch_unlabelled}): use a smaller "
+                "--patch or --batch-labelled/--batch-unlabelled"
+                + ("" if t.amp else ", or --amp")) from None
+        return False
+
+
+def run_worker(plan: RunPlan) -> TrainResult:
+    """One rank: join the group, build or restore the state, run the loop."""
+    from crlnseg.data.manifest import load_manifest
+    from crlnseg.data.sampling import IterationBatches, make_loader
+    from crlnseg.distributed import cleanup, init_process
+    from crlnseg.method.train_step import init_state, state_from_dict
+    from crlnseg.parallel import broadcast_state, install_gradient_sync
+
+    d = init_process(plan.device_type)
+    if d.enabled and d.device.type == "cpu":  # share the cores between CPU ranks
+        torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
+    try:
+        s = plan.settings
+        state = init_state(s, d.device)
+        if plan.resume:
+            ckpt = load_checkpoint(plan.out / "checkpoints" / "last.pt", map_location=d.device)
+            state_from_dict(state, ckpt["state"])
+            state.iteration = int(ckpt["meta"]["iteration"])
+            set_rng_state(ckpt["rng"])
+        if d.enabled:
+            broadcast_state(state)
+            install_gradient_sync(state, d)
+        t = s.train
+        dataset = IterationBatches(plan.labelled, plan.unlabelled, t.patch, t.batch_labelled,
+                                   t.batch_unlabelled if s.method.method != "supervised" else 0,
+                                   s.model.num_classes, t.foreground_oversample, t.seed, d.rank)
+        loader = make_loader(dataset, state.iteration, t.iterations, t.num_workers,
+                             pin_memory=d.device.type == "cuda")
+        val_data = load_manifest(plan.val) if plan.val is not None else None
+        result = _loop(plan, d, state, loader, val_data)
+        if os.environ.get("CRLNSEG_DEBUG_RANK_STATE"):  # tests: compare the ranks' weights
+            torch.save({"student": state.student.state_dict(),
+                        "teacher": state.teacher.state_dict()},
+                       Path(os.environ["CRLNSEG_DEBUG_RANK_STATE"]) / f"rank{d.rank}.pt")
+        return result
+    finally:
+        cleanup()
+
+
+def _spawned(plan: RunPlan) -> None:
+    run_worker(plan)
+
+
+def train(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSettings, *,
+          val: Path | None = None, gpus: int = 0, nproc: int = 1, resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
+    """Train (or resume) a run in ``out``; returns where it stopped and the validation Dice."""
+    from crlnseg.distributed import launched_by_torchrun, spawn
+    from crlnseg.run_folder import read_metrics
+    from crlnseg.run_setup import plan_on_rank0, plan_run
+
+    if launched_by_torchrun():
+        return run_worker(plan_on_rank0(labelled, unlabelled, out, settings, val, resume,
+                                        overwrite))
+    plan = plan_run(labelled, unlabelled, out, settings, val, gpus, nproc, resume, overwrite)
+    if plan.world_size == 1:
+        return run_worker(plan)
+    import torch.multiprocessing as mp
+
+    from crlnseg.parallel import forward_signals
+
+    with forward_signals() as received:
+        try:
+            spawn(_spawned, plan.world_size, (plan,))
+        except mp.ProcessRaisedException as err:  # one line: the child's exception
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            raise RunFailure(f"a training process failed: {lines[-1] if lines else err}") from None
+    ckpt = load_checkpoint(plan.out / "checkpoints" / "last.pt")
+    history = read_metrics(plan.out / "metrics.jsonl")
+    vals = [line["val_dice"] for line in history if "val_dice" in line]
+    return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), settings.train.iterations,
+                       received.signum, vals[-1] if vals else None,
+                       ckpt["meta"].get("best_val_dice"))
+

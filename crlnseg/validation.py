@@ -1,0 +1,60 @@
+"""Validation during training (``--val``): sliding-window Dice of the EMA teacher.
+
+Each validation case is predicted with the rectified output softmax(f + (1 - mu) M) of the teacher
+(what inference uses), blended over overlapping patches of the training size, on the prepared
+grid; Dice is the mean over foreground classes (medpy's definition, :func:`crlnseg.metrics.dice`).
+With several processes each rank predicts its share of the cases and the results are gathered.
+Validation data must never be the test set: ``best.pt`` is selected on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["case_dice", "validate"]
+
+
+def case_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes 1 .. C-1."""
+    from crlnseg.metrics import dice
+
+    return float(np.mean([dice(pred == c, label == c) for c in range(1, num_classes)]))
+
+
+@torch.no_grad()
+def validate(model: Any, manifest: Any, settings: Any, device: torch.device, rank: int = 0,
+             world_size: int = 1) -> tuple[float, dict[str, float]]:
+    """(mean Dice over cases, Dice per case) of ``model`` (eval mode) on a prepared manifest."""
+    from crlnseg.inference.sliding_window import sliding_window
+    from crlnseg.method.crln import predict_logits
+    from crlnseg.method.train_step import autocast
+
+    classes = settings.model.num_classes
+    was_training = model.training
+    model.eval()
+
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        with autocast(settings, device):
+            return torch.softmax(predict_logits(model, x, rectify=True).float(), dim=1)
+
+    mine: dict[str, float] = {}
+    for case in manifest.cases[rank::world_size]:
+        image = torch.from_numpy(np.array(manifest.image(case.id, mmap=True)))  # writable copy
+        out = sliding_window(image, probs, settings.train.patch, classes, blend="gaussian",
+                             overlap=0.5, stride=settings.train.val_stride,
+                             batch_size=settings.train.batch_labelled, device=device,
+                             buffer_device="cpu")
+        pred = out.argmax(0).numpy()
+        mine[case.id] = case_dice(pred, np.asarray(manifest.label(case.id, mmap=True)), classes)
+    model.train(was_training)
+    per_case = dict(mine)
+    if world_size > 1:
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        per_case = {k: v for part in parts for k, v in part.items()}
+    per_case = {c.id: per_case[c.id] for c in manifest.cases}
+    return float(np.mean(list(per_case.values()))), per_case

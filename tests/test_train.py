@@ -1,0 +1,279 @@
+"""`crlnseg train` end to end on tiny synthetic volumes (CPU, a few iterations each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from crlnseg.checkpoint import load_checkpoint, load_inference_model
+from crlnseg.cli.app import app
+
+# Tiny everything: 16^3 crops of 24 x 20 x 18 volumes, 2-filter-wide... 4-filter V-Net.
+TINY = ["--preset", "cpu", "--patch", "16", "16", "16", "--base-filters", "4",
+        "--batch-labelled", "1", "--batch-unlabelled", "1",
+        "--set", "model.prototypes_per_class=2", "--set", "model.prototype_dim=4",
+        "--set", "method.anchors=4", "--set", "method.negatives=4",
+        "--set", "train.num_workers=0", "--set", "train.log_every=1",
+        "--set", "train.checkpoint_every=2", "--set", "train.val_every=2"]
+
+
+def _write_split(root: Path, n: int, labels: bool, seed: int, max_class: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    if labels:
+        (root / "labels").mkdir()
+    for i in range(n):
+        shape = (24, 20, 18)
+        label = np.zeros(shape, np.uint8)
+        c = rng.integers(6, 12, 3)
+        label[c[0] - 4:c[0] + 4, c[1] - 3:c[1] + 4, c[2] - 3:c[2] + 3] = 1
+        label[c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2] - 1:c[2] + 1] = max_class
+        image = (label * 2.0 + rng.normal(0, 0.5, shape)).astype(np.float32)
+        affine = np.diag([1.5, 1.5, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), root / "images" / f"case{i}.nii.gz")
+        if labels:
+            nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"case{i}.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Raw splits, and the same splits prepared (most tests pass prepared folders: faster)."""
+    from crlnseg.prepare import prepare_dataset
+    from crlnseg.settings import PrepareSettings
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("data")
+    raw = {"lab": _write_split(root / "lab", 2, True, 0),
+           "unl": _write_split(root / "unl", 2, False, 1),
+           "val": _write_split(root / "val", 1, True, 2)}
+    out = dict(raw)
+    for key, folder in raw.items():
+        out[f"p{key}"] = root / f"p{key}"
+        prepare_dataset(folder, out[f"p{key}"], PrepareSettings())
+    return out
+
+
+def _run(args: list[str], data: dict[str, Path] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["train", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _base(data, out, iterations=2, val=False) -> list[str]:
+    args = ["--labelled", str(data["plab"]), "--unlabelled", str(data["punl"]), "-o", str(out),
+            "--iterations", str(iterations), *TINY]
+    return args + (["--val", str(data["pval"])] if val else [])
+
+
+@pytest.mark.parametrize("method", ["crln", "mean-teacher", "supervised"])
+def test_each_method_trains_through_the_cli(data, tmp_path, method):
+    out = tmp_path / "run"
+    extra = ["--batch-labelled", "2"] if method == "supervised" else []
+    code, output = _run([*_base(data, out, val=method == "crln"), "--method", method, *extra])
+    assert code == 0, output
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["iteration"] == 2
+    for name in ("settings.json", "environment.json", "metrics.jsonl", "training.png",
+                 "checkpoints/last.pt", "checkpoints/iter_2.pt"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert [x["iteration"] for x in steps] == [1, 2]
+    assert all(np.isfinite(x["loss"]) and x["lr"] > 0 and x["it_per_s"] > 0 for x in steps)
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["method"]["method"] == method and saved["model"]["num_classes"] == 2
+    model, settings, meta = load_inference_model(out)
+    assert not model.training and meta["iteration"] == 2 and meta["classes"] == [0, 1]
+    if method == "crln":
+        assert (out / "checkpoints/best.pt").is_file()
+        assert 0 <= summary["val_dice"] <= 1
+        assert any("val_dice" in x for x in lines) and steps[-1]["loss_relation"] is not None
+    else:
+        assert not (out / "checkpoints/best.pt").exists() and steps[-1]["loss_relation"] is None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path)["state"]
+    out = {f"student.{k}": v for k, v in state["student"].items()}
+    out.update({f"teacher.{k}": v for k, v in state["teacher"].items()})
+    for i, s in state["optimizer"]["state"].items():
+        out.update({f"opt.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def test_resume_after_sigterm_equals_uninterrupted(data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert _run(_base(data, straight, iterations=4))[0] == 0
+
+    import crlnseg.method.train_step as ts
+
+    real = ts.train_step
+
+    def stepping_then_sigterm(state, *args, **kwargs):
+        record = real(state, *args, **kwargs)
+        if state.iteration == 1:  # the signal arrives during iteration 1 (0-based)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    monkeypatch.setattr(ts, "train_step", stepping_then_sigterm)
+    broken = tmp_path / "broken"
+    code, output = _run(_base(data, broken, iterations=4))
+    assert code == 128 + signal.SIGTERM, output
+    assert load_checkpoint(broken / "checkpoints/last.pt")["meta"]["iteration"] == 1
+    monkeypatch.setattr(ts, "train_step", real)
+    code, output = _run(["--labelled", str(data["plab"]), "--unlabelled", str(data["punl"]),
+                         "-o", str(broken), "--resume"])
+    assert code == 0, output
+    a, b = _tensors(straight / "checkpoints/last.pt"), _tensors(broken / "checkpoints/last.pt")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert load_checkpoint(broken / "checkpoints/last.pt")["meta"]["iteration"] == 4
+
+
+def test_resume_refuses_changed_settings_and_extends(data, tmp_path):
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=2))[0] == 0
+    common = ["--labelled", str(data["plab"]), "--unlabelled", str(data["punl"]), "-o", str(out)]
+    code, output = _run([*common])
+    assert code == 2 and "--resume" in output and "--overwrite" in output
+    code, output = _run([*common, "--resume", "--base-filters", "8"])
+    assert code == 2 and "model.base_filters" in output
+    code, output = _run([*common, "--resume", "--iterations", "1"])
+    assert code == 2 and "fewer" in output
+    code, output = _run([*common, "--resume", "--iterations", "3"])
+    assert code == 0, output
+    assert load_checkpoint(out / "checkpoints/last.pt")["meta"]["iteration"] == 3
+    code, output = _run([*_base(data, out, iterations=1), "--overwrite"])
+    assert code == 0 and not (out / "checkpoints/iter_2.pt").exists()
+
+
+def test_raw_folders_are_prepared_into_the_run_and_reused(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--labelled", str(data["lab"]), "--unlabelled", str(data["unl"]), "-o", str(out),
+            "--iterations", "1", *TINY]
+    assert _run(args)[0] == 0
+    cached = out / "prepared" / "labelled" / "dataset.json"
+    stamp = cached.stat().st_mtime_ns
+    assert _run([*args, "--overwrite"])[0] == 0
+    assert cached.stat().st_mtime_ns == stamp  # nothing prepared twice
+
+
+def _edit_prepared(src: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    from crlnseg.data.manifest import load_manifest, save_manifest
+
+    shutil.copytree(src, dst)
+    manifest = load_manifest(dst)
+    edit(manifest, dst)
+    save_manifest(manifest, dst)
+    return dst
+
+
+def _two_channels(manifest, folder):
+    for case in manifest.cases:
+        path = folder / case.image_file
+        np.save(path, np.concatenate([np.load(path)] * 2))
+    manifest.channels = 2
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("empty", "no cases found"),
+    ("no_label", "has no label"),
+    ("label_values", "label values [2] outside the classes 0..1"),
+    ("channels", "channel"),
+    ("patch", "larger than every volume"),
+    ("no_unlabelled", "--unlabelled is required"),
+    ("missing_resume", "nothing to resume"),
+    ("batch_norm", "BatchNorm"),
+])
+def test_bad_input_is_one_line_and_exit_2(data, tmp_path, problem, message):
+    out = tmp_path / "run"
+    args = _base(data, out, iterations=1)
+    if problem == "empty":
+        (tmp_path / "empty").mkdir()
+        args[1] = str(tmp_path / "empty")
+    elif problem == "no_label":
+        args[1] = str(data["unl"])
+    elif problem == "label_values":
+        args[1] = str(_write_split(tmp_path / "three", 1, True, 3, max_class=2))
+        args += ["--set", "model.num_classes=2"]
+    elif problem == "channels":
+        args[3] = str(_edit_prepared(data["punl"], tmp_path / "unl2", _two_channels))
+    elif problem == "patch":
+        args += ["--patch", "32", "16", "16"]
+    elif problem == "no_unlabelled":
+        args = args[:2] + args[4:]
+    elif problem == "missing_resume":
+        args += ["--resume"]
+    elif problem == "batch_norm":
+        args += ["--method", "supervised"]
+    code, output = _run(args)
+    assert code == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], output
+    assert not out.exists()  # nothing half-written
+
+
+def test_out_of_memory_becomes_a_run_failure():
+    from crlnseg.distributed import Dist
+    from crlnseg.errors import RunFailure
+    from crlnseg.settings import RunSettings
+    from crlnseg.train import _out_of_memory_hint
+
+    with pytest.raises(RunFailure, match="smaller --patch"):
+        with _out_of_memory_hint(RunSettings(), Dist(), 3):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(ValueError):
+        with _out_of_memory_hint(RunSettings(), Dist(), 3):
+            raise ValueError("other")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_leave_identical_weights(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRLNSEG_DEBUG_RANK_STATE", str(tmp_path))
+    out = tmp_path / "run"
+    code, output = _run([*_base(data, out, iterations=2), "--device", "cpu", "--nproc", "2"])
+    assert code == 0, output
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("student", "teacher"):
+        for key, value in r0[part].items():
+            assert torch.equal(value, r1[part][key]), f"{part}.{key} differs between ranks"
+    saved = load_checkpoint(out / "checkpoints/last.pt")
+    assert saved["meta"]["world_size"] == 2
+    assert torch.equal(saved["state"]["teacher"]["mu_raw"], r0["teacher"]["mu_raw"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_process_then_resume(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "crlnseg", "train", *_base(data, out, iterations=200)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    done = load_checkpoint(out / "checkpoints/last.pt")["meta"]["iteration"]
+    assert 1 <= done < 200 and b"--resume" in err
+    code, output = _run(["--labelled", str(data["plab"]), "--unlabelled", str(data["punl"]),
+                         "-o", str(out), "--resume", "--iterations", str(done + 1)])
+    assert code == 0, output
+    assert load_checkpoint(out / "checkpoints/last.pt")["meta"]["iteration"] == done + 1
