@@ -33,6 +33,8 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "la"
 METHODS = ("supervised", "mean-teacher", "crln")
 METRICS = ("dice", "jaccard", "hd95", "asd")
+# metrics.jsonl: share of unlabelled voxels whose teacher confidence reaches the threshold.
+RELIABLE_BEFORE, RELIABLE_AFTER = "confident_raw", "confident_rectified"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,17 +66,15 @@ def split_ids(cases: list[str], labelled: int) -> dict[str, list[str]]:
             "validation": cases[64:80]}
 
 
-def link_split(folder: Path, ids: list[str], data: Path, labels: str | None) -> Path:
-    """``folder/images`` (and ``folder/<labels>``) of symlinks to the source cases; idempotent."""
-    for sub, src in (("images", "images"), (labels, "labels")):
-        if sub is None:
-            continue
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+def link_split(folder: Path, ids: list[str], data: Path, kinds: tuple[str, ...]) -> Path:
+    """``folder/<kind>/<ID>.nii.gz`` symlinks to ``data/<kind>/`` for each kind; idempotent."""
+    for kind in kinds:
+        (folder / kind).mkdir(parents=True, exist_ok=True)
         wanted = {f"{cid}.nii.gz" for cid in ids}
-        for stale in set(os.listdir(folder / sub)) - wanted:
-            (folder / sub / stale).unlink()
-        for name in wanted - set(os.listdir(folder / sub)):
-            (folder / sub / name).symlink_to((data / src / name).resolve())
+        for stale in set(os.listdir(folder / kind)) - wanted:
+            (folder / kind / stale).unlink()
+        for name in wanted - set(os.listdir(folder / kind)):
+            (folder / kind / name).symlink_to((data / kind / name).resolve())
     return folder
 
 
@@ -157,13 +157,18 @@ def evaluate(crlnseg: Runner, run: Path, name: str, split: Path) -> dict:
     return result
 
 
-def rectify(crlnseg: Runner, run: Path, split: Path) -> dict:
+def rectify(crlnseg: Runner, run: Path, images: Path, labels: Path) -> dict:
     """Raw vs rectified pseudo-label quality on the unlabelled cases (``rectify --labels``)."""
     out = run / "rectify_unlabelled"
     if not (out / "summary.json").exists():
-        crlnseg(["rectify", split / "images", "-o", out, "-m", run, "--labels",
-                 split / "labels_hidden", "--overwrite"], run.parent / f"{run.name}.log")
-    return json.loads((out / "summary.json").read_text())
+        crlnseg(["rectify", images, "-o", out, "-m", run, "--labels", labels, "--overwrite"],
+                run.parent / f"{run.name}.log")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"pseudo_dice_raw": summary["mean"].get("dice_raw"),
+            "pseudo_dice_rectified": summary["mean"].get("dice_rectified"),
+            "reliable_raw": summary["mean"].get("reliable_raw"),
+            "reliable_rectified": summary["mean"].get("reliable_rectified"),
+            "mu": summary["mean"].get("mu"), "summary": str(out / "summary.json")}
 
 
 def reliable_curve(run: Path) -> dict[str, list[float]]:
@@ -179,8 +184,6 @@ def reliable_curve(run: Path) -> dict[str, list[float]]:
                 curve[side].append(row[key])
     return curve
 
-
-RELIABLE_BEFORE, RELIABLE_AFTER = "reliable_raw", "reliable_rectified"
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -267,16 +270,6 @@ def plot(runs: list[dict], table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _pseudo(summary: dict) -> dict:
-    """Mean raw / rectified pseudo-label Dice over the unlabelled cases of a rectify summary."""
-    cases = summary.get("cases", summary) if isinstance(summary, dict) else summary
-    out = {}
-    for key, column in (("pseudo_dice_raw", "dice_raw"), ("pseudo_dice_rectified", "dice_rectified")):
-        values = [c[column] for c in cases if c.get(column) is not None]
-        out[key] = float(np.mean(values)) if values else None
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     exe = args.crlnseg or shutil.which("crlnseg") or str(Path(sys.executable).with_name("crlnseg"))
@@ -286,14 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     ids["validation"] = ids["validation"][:args.limit_val]
     ids["unlabelled"] = ids["unlabelled"][:args.limit_unlabelled]
     root = args.out / f"la_{args.labelled}"
-    data = {"labelled": link_split(root / "data" / "labelled", ids["labelled"], args.data, "labels"),
-            "unlabelled": link_split(root / "data" / "unlabelled", ids["unlabelled"], args.data,
-                                     None),
-            "validation": link_split(root / "data" / "validation", ids["validation"], args.data,
-                                     "labels")}
-    # Hidden labels of the unlabelled cases, kept out of the training folder, for rectify --labels.
-    link_split(root / "data" / "unlabelled_truth", ids["unlabelled"], args.data, "labels")
-    data["unlabelled_truth"] = root / "data" / "unlabelled_truth"
+    # The unlabelled folder holds images only; their labels ("truth") are kept apart, for
+    # scoring pseudo-labels with rectify --labels, never for training.
+    kinds = {"labelled": ("images", "labels"), "unlabelled": ("images",),
+             "unlabelled_truth": ("labels",), "validation": ("images", "labels")}
+    data = {name: link_split(root / "data" / name, ids[name.removesuffix("_truth")], args.data,
+                             kind) for name, kind in kinds.items()}
     evals = {"validation": data["validation"]}
     if args.test is not None:
         evals["test"] = args.test
@@ -309,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
             for name, split in evals.items():
                 record[name] = evaluate(crlnseg, run, name, split)
             if method == "crln":
-                summary = rectify(crlnseg, run, _truth_view(data))
-                record["pseudo"] = _pseudo(summary)
+                record["pseudo"] = rectify(crlnseg, run, data["unlabelled"] / "images",
+                                           data["unlabelled_truth"] / "labels")
                 record["reliable"] = reliable_curve(run)
             runs.append(record)
             dice = record["validation"]["voxel"]["dice"]
@@ -331,18 +322,6 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".md").write_text(text + "\n")
     plot(runs, table, stem.with_suffix(".png"))
     print(text)
-
-
-def _truth_view(data: dict[str, Path]) -> Path:
-    """A folder with ``images`` (unlabelled) and ``labels_hidden`` (their truth) for rectify."""
-    view = data["unlabelled"].parent / "unlabelled_view"
-    for sub, target in (("images", data["unlabelled"] / "images"),
-                        ("labels_hidden", data["unlabelled_truth"] / "labels")):
-        link = view / sub
-        view.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to(target.resolve(), target_is_directory=True)
-    return view
 
 
 def _preset_iterations(preset: str) -> int:
