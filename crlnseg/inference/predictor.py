@@ -97,6 +97,10 @@ class Predictor:
         prepare = PrepareSettings.model_validate(meta.get("prepare", run.prepare.model_dump()))
         classes = [str(c) for c in meta.get("classes", range(run.model.num_classes))]
         channels = int(meta.get("channels", run.model.in_channels))
+        if settings.patch is not None and any(n % 16 for n in settings.patch):
+            from crlnseg.errors import ConfigError
+
+            raise ConfigError(f"patch {settings.patch}: each side must be a multiple of 16")
         return cls(net, settings, tuple(run.train.patch), prepare, channels, classes, device, meta)
 
     @property

@@ -1,0 +1,199 @@
+"""Sliding-window protocols of ``crlnseg predict``: speed, Dice and peak memory.
+
+1. Same run, same cases: Gaussian blending at overlap 0.5 (crlnseg's default) against the
+   literature's uniform stride 18 x 18 x 4 (and, with ``--scaled-stride``, 9 x 9 x 2: the same
+   physical stride on the half-resolution LA data). Seconds per case and Dice against the labels.
+   Targets: Gaussian <= 0.25x the time of stride 18 x 18 x 4, Dice loss <= 0.5 points.
+2. Peak memory (max RSS of a subprocess running ``crlnseg predict``) on a synthetic random
+   512 x 512 x 300 volume, next to the size of the blending buffers.
+
+    python benchmarks/predict_speed.py -m RUN                   # cases 65-80 of cases.txt
+    python benchmarks/predict_speed.py -m RUN --cases 4 --memory-shape 0 0 0  # no memory test
+    python benchmarks/predict_speed.py --quick-train /tmp/run   # train a small cpu-preset run first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "la"
+CRLNSEG = Path(sys.executable).with_name("crlnseg")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", type=Path, help="run folder or checkpoint")
+    p.add_argument("--data", type=Path, default=DATA, help="images/ labels/ cases.txt")
+    p.add_argument("--cases", type=int, default=6, help="how many of cases 65-80 to predict")
+    p.add_argument("--stride", type=int, nargs=3, default=(18, 18, 4))
+    p.add_argument("--scaled-stride", type=int, nargs=3, default=None,
+                   help="an extra uniform row, e.g. 9 9 2 (18 18 4 at half resolution)")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--memory-shape", type=int, nargs=3, default=(512, 512, 300),
+                   help="0 0 0 skips the memory test")
+    p.add_argument("--memory-overlap", type=float, default=0.5)
+    p.add_argument("--quick-train", type=Path, default=None,
+                   help="train a cpu-preset run here first (--iterations) and use it")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--json", type=Path, default=None, help="also write every number here")
+    return p.parse_args(argv)
+
+
+def quick_train(run: Path, data: Path, iterations: int) -> Path:
+    """A cpu-preset CRLN run on the first 8 labelled and 16 unlabelled LA cases."""
+    if (run / "checkpoints" / "last.pt").exists():
+        return run
+    ids = (data / "cases.txt").read_text().split()
+    tmp = Path(tempfile.mkdtemp(prefix="predict_speed_"))
+    for name, chosen, with_labels in (("lab", ids[:8], True), ("unl", ids[8:24], False)):
+        for sub in ("images", "labels") if with_labels else ("images",):
+            (tmp / name / sub).mkdir(parents=True)
+            for cid in chosen:
+                (tmp / name / sub / f"{cid}.nii.gz").symlink_to(data / sub / f"{cid}.nii.gz")
+    subprocess.run([str(CRLNSEG), "train", "--labelled", str(tmp / "lab"), "--unlabelled",
+                    str(tmp / "unl" / "images"), "-o", str(run), "--preset", "cpu",
+                    "--iterations", str(iterations), "--device", "cpu"], check=True)
+    return run
+
+
+def compare_protocols(args: argparse.Namespace) -> dict:
+    import torch
+
+    from crlnseg.inference.predictor import Predictor
+    from crlnseg.inference.sliding_window import pad_to_patch, patch_origins
+    from crlnseg.io import read_case_images, read_label
+    from crlnseg.metrics import dice
+    from crlnseg.settings import PredictSettings
+
+    torch.set_num_threads(2)
+    def uniform(stride) -> tuple[str, PredictSettings]:
+        return (f"uniform stride {' '.join(map(str, stride))}",
+                PredictSettings(mode="uniform", stride=tuple(stride), batch_size=args.batch_size,
+                                device="cpu"))
+
+    protocols = dict([(f"gaussian overlap {args.overlap:g}", PredictSettings(
+        mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu")),
+        uniform(args.stride)] + ([uniform(args.scaled_stride)] if args.scaled_stride else []))
+    predictors = {k: Predictor.from_run(args.model, "last", s) for k, s in protocols.items()}
+    ids = (args.data / "cases.txt").read_text().split()[64:64 + args.cases]
+    rows: dict[str, dict[str, list[float]]] = {k: {"seconds": [], "dice": [], "patches": []}
+                                                for k in protocols}
+    for i, cid in enumerate(ids):
+        volume = read_case_images([args.data / "images" / f"{cid}.nii.gz"])
+        label = read_label(args.data / "labels" / f"{cid}.nii.gz", reference=volume).array
+        order = list(protocols) if i % 2 == 0 else list(reversed(protocols))  # fair to noise
+        for name in order:
+            p = predictors[name]
+            start = time.perf_counter()
+            mask = p.predict_volume(volume).mask
+            rows[name]["seconds"].append(time.perf_counter() - start)
+            rows[name]["dice"].append(100.0 * dice(mask, label))
+            padded = pad_to_patch(torch.zeros((1, *volume.spatial_shape)), p.patch)[0]
+            rows[name]["patches"].append(len(patch_origins(
+                padded.shape[1:], p.patch, p.settings.overlap, p.settings.stride)))
+        print(cid, {k: round(v["seconds"][-1], 2) for k, v in rows.items()}, file=sys.stderr)
+    patch = next(iter(predictors.values())).patch
+    return {"cases": ids, "patch": list(patch), "protocols": rows}
+
+
+def full_resolution_counts(h5_root: Path, patch=(112, 112, 80), overlap=0.5,
+                           stride=(18, 18, 4)) -> dict:
+    """Patch counts of both protocols on the full-resolution HDF5 LA cases (no network run)."""
+    import h5py
+
+    from crlnseg.inference.sliding_window import patch_origins
+
+    counts = {}
+    for path in sorted(h5_root.glob("*/mri_norm2.h5")):
+        with h5py.File(path, "r") as f:
+            shape = tuple(int(n) for n in f["image"].shape)
+        counts[path.parent.name] = {"shape": list(shape),
+                                    "gaussian": len(patch_origins(shape, patch, overlap)),
+                                    "uniform": len(patch_origins(shape, patch, stride=stride))}
+    return {"patch": list(patch), "cases": counts}
+
+
+def peak_memory(args: argparse.Namespace) -> dict:
+    """Max RSS of ``crlnseg predict`` on a random volume, and of reading the volume alone."""
+    import nibabel as nib
+
+    shape = tuple(args.memory_shape)
+    with tempfile.TemporaryDirectory(prefix="predict_mem_") as tmp:
+        src = Path(tmp) / "random.nii"
+        rng = np.random.default_rng(0)
+        image = rng.normal(0, 100, shape).astype(np.int16)
+        nib.save(nib.Nifti1Image(image, np.diag([0.625, 0.625, 0.625, 1.0])), str(src))
+        del image
+        cmd = [str(CRLNSEG), "predict", str(src), "-o", str(Path(tmp) / "mask.nii.gz"), "-m",
+               str(args.model), "--device", "cpu", "--overlap", str(args.memory_overlap)]
+        probe = ("import resource,sys; from crlnseg.io import read_case_images; "
+                 "v = read_case_images([sys.argv[1]]); "
+                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        read_only = int(subprocess.run([sys.executable, "-c", probe, str(src)], check=True,
+                                       capture_output=True, text=True).stdout)
+        start = time.perf_counter()
+        wrapper = ("import resource,subprocess,sys; subprocess.run(sys.argv[1:], check=True); "
+                   "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True,
+                             capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    voxels = int(np.prod(shape))
+    return {"shape": list(shape), "overlap": args.memory_overlap, "seconds": seconds,
+            "max_rss_mb": int(out.stdout.split()[-1]) / 1024, "read_only_max_rss_mb":
+            read_only / 1024, "float32_volume_mb": voxels * 4 / 2**20, "command": " ".join(cmd)}
+
+
+def report(result: dict) -> None:
+    if "protocols" in result:
+        rows = result["protocols"]
+        base = next(k for k in rows if k.startswith("uniform"))
+        t0 = float(np.mean(rows[base]["seconds"]))
+        d0 = float(np.mean(rows[base]["dice"]))
+        print(f"cases: {', '.join(result['cases'])}; patch {result['patch']}")
+        print("| protocol | patches / case | s / case | time vs stride | Dice (%) | Dice diff |")
+        print("|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            t, d = float(np.mean(r["seconds"])), float(np.mean(r["dice"]))
+            print(f"| {name} | {np.mean(r['patches']):.1f} | {t:.2f} | {t / t0:.2f}x | "
+                  f"{d:.2f} +- {np.std(r['dice']):.2f} | {d - d0:+.2f} |")
+    for cid, c in result.get("full_resolution", {}).get("cases", {}).items():
+        print(f"full resolution {cid} {c['shape']}, patch 112 112 80: {c['gaussian']} patches "
+              f"(Gaussian) vs {c['uniform']} (stride) = {c['gaussian'] / c['uniform']:.2f}x")
+    if "memory" in result:
+        m = result["memory"]
+        print(f"memory {m['shape']} overlap {m['overlap']}: max RSS {m['max_rss_mb']:.0f} MB "
+              f"(reading the image alone {m['read_only_max_rss_mb']:.0f} MB; one float32 "
+              f"volume {m['float32_volume_mb']:.0f} MB), {m['seconds']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.quick_train:
+        args.model = quick_train(args.quick_train, args.data, args.iterations)
+    if args.model is None:
+        sys.exit("give -m RUN or --quick-train DIR")
+    result: dict = {"model": str(args.model)}
+    if args.cases > 0:
+        result.update(compare_protocols(args))
+    h5_root = args.data.parent / "la_h5"
+    if h5_root.is_dir():
+        result["full_resolution"] = full_resolution_counts(h5_root, overlap=args.overlap,
+                                                           stride=tuple(args.stride))
+    if all(args.memory_shape):
+        result["memory"] = peak_memory(args)
+    report(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
