@@ -1,8 +1,11 @@
 """Time and peak memory of one CRLN iteration against one plain mean-teacher iteration.
 
-Each (method, size) runs in its own subprocess so that its peak memory (RSS on the CPU, CUDA
-allocator peak on a GPU) is its own; ratios are taken within one invocation of this script.
-Run by hand, not by pytest:
+One subprocess per crop size. It builds the mean-teacher state, runs its warm-up iteration and
+reads the peak memory (RSS on the CPU, CUDA allocator peak on a GPU); then the same for CRLN
+(RSS is a running maximum, and the mean-teacher activations are freed by then, so the second
+reading is CRLN's peak unless it is lower than the mean teacher's). The timed iterations then
+alternate between the two methods, so a noisy shared machine slows both alike and the ratio of
+medians is fair. Run by hand, not by pytest:
 
     OMP_NUM_THREADS=2 python benchmarks/iteration_speed.py --threads 2
     python benchmarks/iteration_speed.py --device cuda --amp --channels-last
@@ -19,42 +22,66 @@ import sys
 import time
 
 
-def worker(args: argparse.Namespace) -> dict:
+def _peak_gib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
+    from crlnseg.settings import RunSettings
+
+    return RunSettings.model_validate({
+        "model": {"base_filters": args.base_filters, "prototypes_per_class": args.prototypes,
+                  "prototype_dim": args.prototype_dim},
+        # warm-up 0: every timed iteration rectifies, the full CRLN path.
+        "method": {"method": method, "warmup_fraction": 0.0},
+        "train": {"patch": size, "amp": args.amp, "channels_last": args.channels_last}})
+
+
+def worker(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from crlnseg.method.train_step import Batch, init_state, train_step
-    from crlnseg.settings import RunSettings
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     size = tuple(int(s) for s in args.size.split("x"))
-    settings = RunSettings.model_validate({
-        "model": {"base_filters": args.base_filters, "prototypes_per_class": args.prototypes,
-                  "prototype_dim": args.prototype_dim},
-        # warm-up 0: every timed iteration rectifies, the full CRLN path.
-        "method": {"method": args.method, "warmup_fraction": 0.0},
-        "train": {"patch": size, "amp": args.amp, "channels_last": args.channels_last}})
-    state = init_state(settings, device)
-    gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     x = torch.randn(4, 1, *size)
     smooth = torch.nn.functional.avg_pool3d(x, 9, stride=1, padding=4)
     batch = Batch(x[:2], (smooth[:2, 0] > 0.05).long(), x[2:])
-    times = []
-    for i in range(args.warmup + args.iterations):
+    gen = torch.Generator().manual_seed(0)
+
+    def step(method: str) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_step(state, batch, settings, gen, total_iterations=1000)
+        train_step(states[method], batch, settings[method], gen, total_iterations=1000)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {"method": args.method, "size": args.size, "median_s": statistics.median(times),
-            "times_s": [round(t, 3) for t in times], "peak_gib": round(peak, 3),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+        return time.perf_counter() - start
+
+    settings, states, peaks = {}, {}, {}
+    for method in args.methods:
+        settings[method] = _settings(args, method, size)
+        states[method] = init_state(settings[method], device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            step(method)
+        peaks[method] = _peak_gib(device)
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for _ in range(args.iterations):
+        for method in args.methods:
+            times[method].append(step(method))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    return [{"method": m, "size": args.size, "median_s": statistics.median(times[m]),
+             "times_s": [round(t, 3) for t in times[m]], "peak_gib": round(peaks[m], 3),
+             "device": name, "amp": args.amp, "channels_last": args.channels_last}
+            for m in args.methods]
 
 
 def main() -> None:
@@ -71,7 +98,6 @@ def main() -> None:
     p.add_argument("--prototypes", type=int, default=16)
     p.add_argument("--prototype-dim", type=int, default=64)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -80,12 +106,10 @@ def main() -> None:
     passthrough = [a for a in sys.argv[1:]]
     rows = []
     for size in args.sizes:
-        for method in args.methods:
-            cmd = [sys.executable, __file__, *passthrough, "--worker", "--method", method,
-                   "--size", size]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+        cmd = [sys.executable, __file__, *passthrough, "--worker", "--size", size]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows += json.loads(out.strip().splitlines()[-1])
+        print(out.strip().splitlines()[-1], file=sys.stderr)
     print("| size | method | median s/iter | peak GiB | x mean-teacher time | x MT memory |")
     print("|---|---|---|---|---|---|")
     for r in rows:

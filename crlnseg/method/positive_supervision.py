@@ -51,9 +51,13 @@ def class_mean_features(features: Tensor, labels: Tensor,
 
 
 def _rows(features: Tensor, flat_index: Tensor) -> Tensor:
-    """Rows of features (B, H, N) at flat indices into B*N -> (K, H)."""
-    n = features.shape[2]
-    return features[flat_index // n, :, flat_index % n]
+    """Rows of features (B, H, X, Y, Z) at flat voxel indices into B*X*Y*Z -> (K, H).
+
+    Indexing the 5-D tensor directly copies nothing, whatever its memory format.
+    """
+    b, _, *size = features.shape
+    index = torch.unravel_index(flat_index, (b, *size))
+    return features[index[0], :, index[1], index[2], index[3]]
 
 
 def _draw(pool: Tensor, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -70,9 +74,8 @@ def positive_supervision_loss(
     """L_cps from hidden features (B, H, X, Y, Z), labels (B, X, Y, Z) with -1 for invalid voxels,
     detached student probabilities (B, C, X, Y, Z) and class summaries m (C, F) or None."""
     num_classes = probs.shape[1]
-    feats = hidden.flatten(2)
     lab = labels.flatten(1)
-    means, counts = class_mean_features(feats, lab, num_classes)
+    means, counts = class_mean_features(hidden.flatten(2), lab, num_classes)
     zero = hidden.sum() * 0.0
     if int((counts > 0).sum()) < 2:
         return zero
@@ -88,9 +91,9 @@ def positive_supervision_loss(
         others = (valid & (lab != c)).nonzero()[:, 0]
         if uncertain.numel() == 0 or others.numel() == 0:
             continue
-        anchor = project(_rows(feats, _draw(uncertain, (anchors,), generator)))
+        anchor = project(_rows(hidden, _draw(uncertain, (anchors,), generator)))
         with torch.no_grad():
             neg_index = _draw(others, (anchors * negatives,), generator)
-            neg = project(_rows(feats, neg_index)).view(anchors, negatives, -1)
+            neg = project(_rows(hidden, neg_index)).view(anchors, negatives, -1)
         losses.append(info_nce(anchor, keys[c], neg, temperature))
     return torch.stack(losses).mean() if losses else zero
