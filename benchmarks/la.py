@@ -26,13 +26,16 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "la"
 METHODS = ("supervised", "mean-teacher", "crln")
 METRICS = ("dice", "jaccard", "hd95", "asd")
+COST = {"crln": 3, "mean-teacher": 2, "supervised": 1}  # relative time per iteration
 # metrics.jsonl: share of unlabelled voxels whose teacher confidence reaches the threshold.
 RELIABLE_BEFORE, RELIABLE_AFTER = "confident_raw", "confident_rectified"
 
@@ -51,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", type=Path, default=None,
                    help="an extra labelled folder (images/ labels/) to evaluate every run on")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at the same time, each with cores/jobs threads (on a "
+                        "2-core CPU, --jobs 2 finishes sooner than 2 threads per run)")
     p.add_argument("--crlnseg", default=None, help="the crlnseg executable (default: this venv's)")
     # Hidden: shrink the protocol to check the script end to end in a minute.
     p.add_argument("--limit-val", type=int, default=None, help=argparse.SUPPRESS)
@@ -78,23 +84,38 @@ def link_split(folder: Path, ids: list[str], data: Path, kinds: tuple[str, ...])
     return folder
 
 
+class RunFailed(RuntimeError):
+    """A crlnseg command exited with an error (its log names the cause)."""
+
+
 class Runner:
-    """Runs crlnseg commands, logging each command line and its output into the run folder."""
+    """Runs crlnseg commands, logging each command line and its stderr next to the run folder."""
 
-    def __init__(self, exe: str) -> None:
+    def __init__(self, exe: str, threads: int | None = None) -> None:
         self.exe = exe
+        self.env = dict(os.environ)
+        if threads is not None:  # parallel jobs: one intra-op thread pool each, no oversubscription
+            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
-    def __call__(self, args: list[str], log: Path, stdout: Path | None = None) -> None:
+    def __call__(self, args: list[Any], log: Path, stdout: Path | None = None) -> None:
         cmd = [self.exe, *map(str, args)]
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as err, open(stdout or os.devnull, "w") as out:
             err.write("$ " + " ".join(cmd) + "\n")
             err.flush()
-            done = subprocess.run(cmd, stdout=out, stderr=err)
+            done = subprocess.run(cmd, stdout=out, stderr=err, env=self.env)
         if done.returncode:
             tail = log.read_text().splitlines()[-5:]
-            sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+            raise RunFailed(f"failed ({done.returncode}): {' '.join(cmd)} (log: {log})\n"
+                            + "\n".join(tail))
+
+
+def prepare(crlnseg: Runner, split: Path, cache: Path) -> Path:
+    """Prepare a split once for all runs (train would otherwise prepare it in every run folder)."""
+    if not (cache / "dataset.json").is_file():
+        crlnseg(["prepare", split, "-o", cache, "--overwrite"], cache.parent / "prepare.log")
+    return cache
 
 
 def finished_iteration(run: Path) -> int | None:
@@ -108,15 +129,15 @@ def finished_iteration(run: Path) -> int | None:
 
 
 def train(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, Path],
-          args: argparse.Namespace, iterations: int) -> float:
-    """Train (or resume, or skip) one run; returns the training wall time in seconds."""
+          args: argparse.Namespace, iterations: int) -> float | None:
+    """Train (or resume, or skip) one run; returns its training wall time in seconds."""
     timing = run / "benchmark_time.json"
+    previous = json.loads(timing.read_text())["train_seconds"] if timing.exists() else None
     done = finished_iteration(run)
-    if done is not None and done >= iterations and timing.exists():
-        return json.loads(timing.read_text())["train_seconds"]
-    previous = json.loads(timing.read_text())["train_seconds"] if timing.exists() else 0.0
-    cmd = ["train", "--labelled", data["labelled"], "--unlabelled", data["unlabelled"], "-o", run,
-           "--preset", args.preset, "--method", method, "--seed", seed,
+    if done is not None and done >= iterations:
+        return previous  # finished earlier (None: finished outside this script)
+    cmd = ["train", "--labelled", data["labelled_cache"], "--unlabelled", data["unlabelled_cache"],
+           "-o", run, "--preset", args.preset, "--method", method, "--seed", seed,
            "--iterations", iterations]
     for item in args.overrides:
         cmd += ["--set", item]
@@ -124,9 +145,14 @@ def train(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, Pa
         cmd.append("--resume")  # an interrupted benchmark continues where it stopped
     elif run.exists():
         cmd.append("--overwrite")  # a run folder without any checkpoint holds nothing to keep
+    for derived in [*run.glob("pred_*"), *run.glob("eval_*"), run / "rectify_unlabelled"]:
+        if derived.is_dir():  # made by an earlier, shorter run: stale once training continues
+            shutil.rmtree(derived)
+        elif derived.exists():
+            derived.unlink()
     start = time.perf_counter()
     crlnseg(cmd, run.parent / f"{run.name}.log")
-    seconds = previous + time.perf_counter() - start
+    seconds = (previous or 0.0) + time.perf_counter() - start
     timing.write_text(json.dumps({"train_seconds": seconds}))
     return seconds
 
@@ -272,8 +298,12 @@ def plot(runs: list[dict], table: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    exe = args.crlnseg or shutil.which("crlnseg") or str(Path(sys.executable).with_name("crlnseg"))
-    crlnseg = Runner(exe)
+    sibling = Path(sys.executable).with_name("crlnseg")  # this interpreter's environment first
+    exe = args.crlnseg or (str(sibling) if sibling.exists() else shutil.which("crlnseg"))
+    if exe is None:
+        sys.exit("crlnseg is not installed in this environment (pip install -e .)")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    crlnseg = Runner(exe, threads)
     cases = (args.data / "cases.txt").read_text().split()
     ids = split_ids(cases, args.labelled)
     ids["validation"] = ids["validation"][:args.limit_val]
@@ -285,34 +315,32 @@ def main(argv: list[str] | None = None) -> None:
              "unlabelled_truth": ("labels",), "validation": ("images", "labels")}
     data = {name: link_split(root / "data" / name, ids[name.removesuffix("_truth")], args.data,
                              kind) for name, kind in kinds.items()}
+    for name in ("labelled", "unlabelled"):
+        data[f"{name}_cache"] = prepare(crlnseg, data[name], root / "prepared" / name)
     evals = {"validation": data["validation"]}
     if args.test is not None:
         evals["test"] = args.test
     iterations = args.iterations or _preset_iterations(args.preset)
-    runs = []
     start = time.perf_counter()
-    for seed in args.seeds:
-        for method in args.methods:
-            run = root / "runs" / f"{method}_seed{seed}"
-            record: dict = {"method": method, "seed": seed, "run": str(run),
-                            "train_seconds": train(crlnseg, run, method, seed, data, args,
-                                                   iterations)}
-            for name, split in evals.items():
-                record[name] = evaluate(crlnseg, run, name, split)
-            if method == "crln":
-                record["pseudo"] = rectify(crlnseg, run, data["unlabelled"] / "images",
-                                           data["unlabelled_truth"] / "labels")
-                record["reliable"] = reliable_curve(run)
-            runs.append(record)
-            dice = record["validation"]["voxel"]["dice"]
-            print(f"{method} seed {seed}: validation Dice {100 * dice:.2f} "
-                  f"({record['train_seconds'] / 60:.1f} min)", file=sys.stderr, flush=True)
+    # Longest runs first, so parallel jobs finish together; results keep the seed/method order.
+    order = [(seed, method) for seed in args.seeds for method in args.methods]
+    todo = sorted(order, key=lambda job: -COST[job[1]])
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {job: pool.submit(run_one, crlnseg, root / "runs" / f"{job[1]}_seed{job[0]}",
+                                    job[1], job[0], data, evals, args, iterations)
+                   for job in todo}
+        try:
+            runs = [futures[job].result() for job in order]
+        except RunFailed as err:
+            for future in futures.values():
+                future.cancel()
+            sys.exit(str(err))
     names = list(evals)
     meta = {"labelled": len(ids["labelled"]), "unlabelled": len(ids["unlabelled"]),
             "preset": args.preset, "iterations": iterations, "seeds": args.seeds,
             "overrides": args.overrides, "splits": ids,
             "cases": {n: len(list((s / "images").iterdir())) for n, s in evals.items()},
-            "wall_seconds_this_invocation": time.perf_counter() - start,
+            "wall_seconds_this_invocation": time.perf_counter() - start, "jobs": args.jobs,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     table = summarise(runs, args.methods, names)
     stem = args.out / f"la_{args.labelled}"
@@ -322,6 +350,23 @@ def main(argv: list[str] | None = None) -> None:
     stem.with_suffix(".md").write_text(text + "\n")
     plot(runs, table, stem.with_suffix(".png"))
     print(text)
+
+
+def run_one(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, Path],
+            evals: dict[str, Path], args: argparse.Namespace, iterations: int) -> dict:
+    """Train, predict, evaluate (and rectify for crln) one method and seed."""
+    record: dict = {"method": method, "seed": seed, "run": str(run),
+                    "train_seconds": train(crlnseg, run, method, seed, data, args, iterations)}
+    for name, split in evals.items():
+        record[name] = evaluate(crlnseg, run, name, split)
+    if method == "crln":
+        record["pseudo"] = rectify(crlnseg, run, data["unlabelled"] / "images",
+                                   data["unlabelled_truth"] / "labels")
+        record["reliable"] = reliable_curve(run)
+    minutes = (record["train_seconds"] or 0.0) / 60
+    print(f"{method} seed {seed}: validation Dice {100 * record['validation']['voxel']['dice']:.2f}"
+          f" (trained in {minutes:.1f} min)", file=sys.stderr, flush=True)
+    return record
 
 
 def _preset_iterations(preset: str) -> int:
