@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "launched_by_torchrun", "free_port", "init_process", "spawn", "cleanup",
-           "broadcast_tensors", "all_reduce_mean", "barrier"]
+__all__ = ["Dist", "launched_by_torchrun", "free_port", "init_process", "spawn", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -91,25 +90,3 @@ def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Copy ``src``'s values into every rank's tensors (BatchNorm buffers, mu), in place."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for tensor in tensors:
-        dist.broadcast(tensor.data, src)
-
-
-def all_reduce_mean(tensors: Iterable[torch.Tensor]) -> None:
-    """Average tensors across ranks in place."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    world = dist.get_world_size()
-    for tensor in tensors:
-        dist.all_reduce(tensor.data)
-        tensor.data.div_(world)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
