@@ -214,6 +214,9 @@ def plan_on_rank0(labelled: Path, unlabelled: Path | None, out: Path, settings: 
         try:
             plan = plan_run(labelled, unlabelled, out, settings, val, 0, 1, resume, overwrite)
             plan.world_size, plan.device_type = d.world_size, device_type
+            from crlnseg.run_folder import environment_info, write_json
+
+            write_json(plan.out / "environment.json", environment_info(device_type, d.world_size))
             box[0] = plan
         except CrlnsegError as err:
             box[0] = err
