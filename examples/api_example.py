@@ -1,7 +1,8 @@
 """crlnseg from Python: the same stages as the command line, as library calls.
 
 Runs on a small generated dataset (or your own folders: see the paths below) in a few minutes on a
-CPU. Usage:  python examples/api_example.py [WORK_DIR]      (default: ./crlnseg-api-example)
+CPU. Usage:  python examples/api_example.py [WORK_DIR] [ITERATIONS]
+(defaults: ./crlnseg-api-example, 300).
 
 The stages and their artefacts are those of ``crlnseg demo``; what this adds is the in-memory use
 of a trained model (``Predictor``), e.g. inside your own pipeline, without writing files.
@@ -27,6 +28,7 @@ from crlnseg.synthetic import generate_dataset
 from crlnseg.train import train
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else "crlnseg-api-example")
+iterations = int(sys.argv[2]) if len(sys.argv) > 2 else 300
 
 # 1. Data: folders laid out as images/<ID>.nii.gz (+ labels/<ID>.nii.gz). Here a generated set;
 #    with your own data, point these paths at your folders instead.
@@ -42,8 +44,8 @@ for split in ("labelled", "unlabelled"):
 #    --set strings); the resolved settings are saved in the run folder and in every checkpoint.
 run_settings = resolve_settings(
     preset="cpu",
-    options={"method": {"method": "crln"}, "train": {"iterations": 300, "patch": (48, 48, 32),
-                                                    "device": "auto"}},
+    options={"method": {"method": "crln"},
+             "train": {"iterations": iterations, "patch": (48, 48, 32), "device": "auto"}},
     overrides=["method.xi=0.6"],
 )
 run = work / "run"
@@ -67,6 +69,6 @@ image = read_image(data / "test" / "images" / "test_00.nii.gz")
 prediction = predictor.predict_volume(image)  # mask on the input's grid, rectified output
 truth = read_image(data / "test" / "labels" / "test_00.nii.gz").array > 0
 distance = hd95(prediction.mask, truth, image.geometry.spacing)  # None if a mask is empty
-print(f"test_00: Dice {dice(prediction.mask, truth):.3f}, HD95 {distance} mm, "
-      f"{prediction.seconds:.1f} s")
+print(f"test_00: Dice {dice(prediction.mask, truth):.3f}, HD95 "
+      f"{'n/a' if distance is None else f'{distance:.2f} mm'}, {prediction.seconds:.1f} s")
 write_image(prediction.mask, image, work / "test_00_mask.nii.gz", overwrite=True)

@@ -6,8 +6,8 @@
 #     DATA/labels/<ID>.nii.gz     masks (0 background, 1 left atrium)
 #     DATA/cases.txt              case IDs, one per line (the split order)
 # Usage:   examples/walkthrough.sh [DATA] [WORK]      (defaults: ../shared/data/la, la-walkthrough)
-# Env:     ITERATIONS (default 1000: about 10-15 min per run with the cpu preset on 2 cores),
-#          LABELLED (default 8), PRESET (default cpu).
+# Env:     ITERATIONS (default 1000, the cpu preset's), PRESET (default cpu), and the split
+#          boundaries in cases.txt lines: LABELLED (8), UNLABELLED_END (64), VAL_END (80).
 # Nothing in DATA is written; everything goes under WORK. Re-running reuses what exists.
 set -euo pipefail
 
@@ -15,6 +15,8 @@ DATA=${1:-../shared/data/la}
 WORK=${2:-la-walkthrough}
 ITERATIONS=${ITERATIONS:-1000}
 LABELLED=${LABELLED:-8}
+UNLABELLED_END=${UNLABELLED_END:-64}
+VAL_END=${VAL_END:-80}
 PRESET=${PRESET:-cpu}
 mkdir -p "$WORK"
 DATA=$(cd "$DATA" && pwd)  # absolute: the symlinks below must resolve from anywhere
@@ -34,9 +36,9 @@ split() {  # split NAME FIRST LAST KIND...   (KIND: images and/or labels)
   done
 }
 split labelled 1 "$LABELLED" images labels
-split unlabelled $((LABELLED + 1)) 64 images
-split unlabelled_truth $((LABELLED + 1)) 64 labels
-split validation 65 80 images labels
+split unlabelled $((LABELLED + 1)) "$UNLABELLED_END" images
+split unlabelled_truth $((LABELLED + 1)) "$UNLABELLED_END" labels
+split validation $((UNLABELLED_END + 1)) "$VAL_END" images labels
 
 # 2. Prepare: validate every case (readable, label matches the image's grid, label values) and
 #    write the training cache (normalised float arrays + dataset.json). Bad input stops here with
@@ -72,7 +74,7 @@ head -n 5 "$WORK/pseudo_labels/summary.csv"
 crlnseg evaluate "$WORK/predictions" "$WORK/splits/validation/labels" --format table
 crlnseg evaluate "$WORK/predictions" "$WORK/splits/validation/labels" --format json \
   -o "$WORK/evaluation.json" --overwrite
-python - "$WORK/evaluation.json" <<'EOF'
+python3 - "$WORK/evaluation.json" <<'EOF'
 import json, sys
 summary = json.load(open(sys.argv[1]))["summary"]["1"]
 print(f"validation Dice {100 * summary['dice']['mean']:.1f} ± {100 * summary['dice']['std']:.1f}")
