@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-shape", type=int, nargs=3, default=(512, 512, 300),
                    help="0 0 0 skips the memory test")
     p.add_argument("--memory-overlap", type=float, default=0.5)
+    p.add_argument("--memory-model", type=Path, default=None,
+                   help="run for the memory test (default -m); a small-compute run keeps the "
+                   "test short on a CPU: the buffers do not depend on the network")
     p.add_argument("--quick-train", type=Path, default=None,
                    help="train a cpu-preset run here first (--iterations) and use it")
     p.add_argument("--iterations", type=int, default=300)
@@ -133,8 +136,9 @@ def peak_memory(args: argparse.Namespace) -> dict:
         image = rng.normal(0, 100, shape).astype(np.int16)
         nib.save(nib.Nifti1Image(image, np.diag([0.625, 0.625, 0.625, 1.0])), str(src))
         del image
+        model = args.memory_model or args.model
         cmd = [str(CRLNSEG), "predict", str(src), "-o", str(Path(tmp) / "mask.nii.gz"), "-m",
-               str(args.model), "--device", "cpu", "--overlap", str(args.memory_overlap)]
+               str(model), "--device", "cpu", "--overlap", str(args.memory_overlap)]
         probe = ("import resource,sys; from crlnseg.io import read_case_images; "
                  "v = read_case_images([sys.argv[1]]); "
                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
@@ -147,9 +151,31 @@ def peak_memory(args: argparse.Namespace) -> dict:
                              capture_output=True, text=True)
         seconds = time.perf_counter() - start
     voxels = int(np.prod(shape))
-    return {"shape": list(shape), "overlap": args.memory_overlap, "seconds": seconds,
-            "max_rss_mb": int(out.stdout.split()[-1]) / 1024, "read_only_max_rss_mb":
-            read_only / 1024, "float32_volume_mb": voxels * 4 / 2**20, "command": " ".join(cmd)}
+    batch = activation_peak(args.model, args.batch_size)
+    return {"batch_activation": batch, "shape": list(shape), "overlap": args.memory_overlap,
+            "seconds": seconds, "max_rss_mb": int(out.stdout.split()[-1]) / 1024,
+            "read_only_max_rss_mb": read_only / 1024, "float32_volume_mb": voxels * 4 / 2**20,
+            "command": " ".join(cmd)}
+
+
+def activation_peak(model: Path, batch_size: int) -> dict:
+    """Max RSS of one batch of patches through the run's network (loaded model as baseline)."""
+    probe = """
+import resource, sys, torch
+from crlnseg.inference.predictor import Predictor
+from crlnseg.settings import PredictSettings
+n = int(sys.argv[2])
+p = Predictor.from_run(sys.argv[1], "last", PredictSettings(device="cpu", batch_size=n))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode():
+    p._patch_fn("rectified")(torch.randn(n, p.channels, *p.patch))
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, *p.patch)
+"""
+    out = subprocess.run([sys.executable, "-c", probe, str(model), str(batch_size)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    before, after = int(out[0]) / 1024, int(out[1]) / 1024
+    return {"model": str(model), "patch": [int(v) for v in out[2:5]], "batch_size": batch_size,
+            "loaded_mb": before, "after_batch_mb": after, "activation_mb": after - before}
 
 
 def report(result: dict) -> None:
@@ -172,7 +198,10 @@ def report(result: dict) -> None:
         m = result["memory"]
         print(f"memory {m['shape']} overlap {m['overlap']}: max RSS {m['max_rss_mb']:.0f} MB "
               f"(reading the image alone {m['read_only_max_rss_mb']:.0f} MB; one float32 "
-              f"volume {m['float32_volume_mb']:.0f} MB), {m['seconds']:.0f} s")
+              f"volume {m['float32_volume_mb']:.0f} MB), {m['seconds']:.0f} s, run {m['command']}")
+        b = m["batch_activation"]
+        print(f"one batch of {b['batch_size']} x {b['patch']} through {b['model']}: "
+              f"+{b['activation_mb']:.0f} MB over the loaded model ({b['loaded_mb']:.0f} MB)")
 
 
 def main(argv: list[str] | None = None) -> None:
