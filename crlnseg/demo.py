@@ -45,7 +45,7 @@ class DemoPlan:
 
 
 # Measured on 2 shared CPU cores: see benchmarks/RESULTS.md ("demo").
-FULL = DemoPlan(shape=(64, 64, 48), labelled=4, unlabelled=8, test=4, iterations=300,
+FULL = DemoPlan(shape=(64, 64, 48), labelled=4, unlabelled=8, test=4, iterations=240,
                 overrides={"train": {"patch": (48, 48, 32), "log_every": 10,
                                      "checkpoint_every": 100}})
 # The test's setting: the same stages on tiny volumes, seconds instead of minutes.

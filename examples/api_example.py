@@ -2,7 +2,7 @@
 
 Runs on a small generated dataset (or your own folders: see the paths below) in a few minutes on a
 CPU. Usage:  python examples/api_example.py [WORK_DIR] [ITERATIONS]
-(defaults: ./crlnseg-api-example, 300).
+(defaults: ./crlnseg-api-example, 240).
 
 The stages and their artefacts are those of ``crlnseg demo``; what this adds is the in-memory use
 of a trained model (``Predictor``), e.g. inside your own pipeline, without writing files.
@@ -28,7 +28,7 @@ from crlnseg.synthetic import generate_dataset
 from crlnseg.train import train
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else "crlnseg-api-example")
-iterations = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+iterations = int(sys.argv[2]) if len(sys.argv) > 2 else 240
 
 # 1. Data: folders laid out as images/<ID>.nii.gz (+ labels/<ID>.nii.gz). Here a generated set;
 #    with your own data, point these paths at your folders instead.
