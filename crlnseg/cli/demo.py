@@ -9,16 +9,16 @@ import typer
 
 from crlnseg.cli.app import handle_errors
 
-HELP = """Run the whole pipeline on a generated synthetic dataset, in a few minutes on a CPU.
-
-Generates a small cardiac-like dataset (a bright irregular chamber with attached veins among
-similarly bright distractors, bias field and noise: 4 labelled, 8 unlabelled and 4 test scans),
-then runs prepare -> train (CRLN, cpu preset) -> rectify (pseudo-labels of the unlabelled scans,
-scored against their hidden labels) -> predict (test scans) -> evaluate. Each stage says what it
-does on stderr; the final Dice table goes to stdout; every artefact stays in DIR (data/,
-prepared/, run/, pseudo_labels/, predictions/, evaluation.json). A non-empty DIR is refused
-unless --overwrite, which replaces only those artefacts.
-"""
+HELP = (
+    "Run the whole pipeline on a generated synthetic dataset, in a few minutes on a CPU.\n\n"
+    "Generates a small cardiac-like dataset (a bright irregular chamber with attached veins among "
+    "similarly bright distractors, bias field and noise: 4 labelled, 8 unlabelled and 4 test "
+    "scans), then runs prepare -> train (CRLN, cpu preset) -> rectify (pseudo-labels of the "
+    "unlabelled scans, scored against their hidden labels) -> predict (test scans) -> evaluate.\n\n"
+    "Each stage says what it does on stderr; the final Dice table goes to stdout; every artefact "
+    "stays in DIR (data/, prepared/, run/, pseudo_labels/, predictions/, evaluation.json). A "
+    "non-empty DIR is refused unless --overwrite, which replaces only those artefacts."
+)
 
 
 def register(app: typer.Typer) -> None:
