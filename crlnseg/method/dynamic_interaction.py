@@ -15,7 +15,9 @@ feeds nothing, so it is not computed either (no parameter is left without a grad
 also requires).
 Departures from the reference: per-map normalisation instead of a LayerNorm over N (no parameter
 depends on the crop size); the update is added to its input and class/prototype axes are
-transposed, not reshaped (the intended operations).
+transposed, not reshaped (the intended operations); the layers after the spatial block start as
+a mean, an identity and a nearest-neighbour upsampling (:func:`init_output_layers`), not PyTorch's
+default init (which leaves M's foreground channel dead under the final ReLU).
 """
 
 from __future__ import annotations
@@ -23,13 +25,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InteractionStage", "DynamicInteraction"]
+__all__ = ["InteractionStage", "DynamicInteraction", "init_output_layers"]
 
 
 def normalise_maps(a: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -> Tensor:
     """Per-map standardisation over positions with per-prototype scale and shift: (B, K, N)."""
     var, mean = torch.var_mean(a, dim=-1, keepdim=True, correction=0)
     return (a - mean) * (var + eps).rsqrt() * scale[:, None] + shift[:, None]
+
+
+@torch.no_grad()
+def init_output_layers(aggregate: nn.Conv3d, class_mix: nn.Conv3d,
+                       upsample: nn.ConvTranspose3d) -> None:
+    """Mean over prototypes, identity class mix, nearest-neighbour x2 upsampling, zero biases:
+    M(x) starts as the upsampled mean of each class's rectified spatial maps, >= 0 and alive.
+
+    Departure from the reference (PyTorch default init): with it the three small random layers
+    give M a near-constant pre-ReLU map whose foreground channel is < 0 almost everywhere, the
+    final ReLU passes it no gradient, and M(x) barely learns at lr 2.5e-3.
+    """
+    aggregate.weight.fill_(1.0 / aggregate.in_channels)
+    eye = torch.eye(class_mix.out_channels, dtype=class_mix.weight.dtype)
+    class_mix.weight.copy_(eye.view(*eye.shape, 1, 1, 1))
+    upsample.weight.copy_(eye.view(*eye.shape, 1, 1, 1).expand_as(upsample.weight))
+    for layer in (aggregate, class_mix, upsample):
+        if layer.bias is not None:
+            layer.bias.zero_()
 
 
 class InteractionStage(nn.Module):
@@ -92,6 +113,7 @@ class DynamicInteraction(nn.Module):
         self.class_mix = nn.Conv3d(num_classes, num_classes, 1)
         self.upsample = nn.ConvTranspose3d(num_classes, num_classes, 2, stride=2)
         self.relu = nn.ReLU()
+        init_output_layers(self.fine.aggregate, self.class_mix, self.upsample)
 
     def forward(self, prototypes: Tensor, feat_quarter: Tensor, feat_half: Tensor) -> Tensor:
         """-> M(x) >= 0, (B, C, X, Y, Z) with (X, Y, Z) twice the size of ``feat_half``."""
