@@ -29,7 +29,7 @@ class ConfigError(CrlnsegError):
 
 
 class OutputExistsError(CrlnsegError):
-    """An output exists and ``--overwrite`` was not given, or the output is not writable (exit 2)."""
+    """An output exists without ``--overwrite``, or the output is not writable (exit 2)."""
 
     exit_code = 2
 
