@@ -33,9 +33,20 @@ from typing import Any
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "la"
-METHODS = ("supervised", "mean-teacher", "crln")
+# name -> (crlnseg train --method, --set overrides, extra crlnseg predict flags). The crln-*
+# variants are the paper's components one at a time (ablations); "no rectify" also predicts with
+# f alone, since its M(x) was never used to rectify anything.
+VARIANTS: dict[str, tuple[str, list[str], list[str]]] = {
+    "supervised": ("supervised", [], []),
+    "mean-teacher": ("mean-teacher", [], []),
+    "crln": ("crln", [], []),
+    "crln-no-rectify": ("crln", ["method.rectify=false"], ["--no-rectify"]),
+    "crln-no-ps": ("crln", ["method.positive_supervision=false"], []),
+}
+METHODS = tuple(VARIANTS)
+DEFAULT_METHODS = ("supervised", "mean-teacher", "crln")
 METRICS = ("dice", "jaccard", "hd95", "asd")
-COST = {"crln": 3, "mean-teacher": 2, "supervised": 1}  # relative time per iteration
+COST = {"crln": 3, "mean-teacher": 2, "supervised": 1}  # relative time per iteration (by --method)
 # metrics.jsonl: share of unlabelled voxels whose teacher confidence reaches the threshold.
 RELIABLE_BEFORE, RELIABLE_AFTER = "confident_raw", "confident_rectified"
 
@@ -45,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DATA, help="folder with images/ labels/ cases.txt")
     p.add_argument("--labelled", type=int, choices=(8, 16), default=8)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                   help="crln-no-rectify / crln-no-ps: crln without one component (ablations)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iterations", type=int, default=None, help="default: the preset's")
     p.add_argument("--preset", default="cpu")
@@ -137,9 +149,9 @@ def train(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, Pa
     if done is not None and done >= iterations:
         return previous  # finished earlier (None: finished outside this script)
     cmd = ["train", "--labelled", data["labelled_cache"], "--unlabelled", data["unlabelled_cache"],
-           "-o", run, "--preset", args.preset, "--method", method, "--seed", seed,
+           "-o", run, "--preset", args.preset, "--method", VARIANTS[method][0], "--seed", seed,
            "--iterations", iterations]
-    for item in args.overrides:
+    for item in [*VARIANTS[method][1], *args.overrides]:
         cmd += ["--set", item]
     if done is not None:
         cmd.append("--resume")  # an interrupted benchmark continues where it stopped
@@ -164,12 +176,12 @@ def count_empty(folder: Path) -> int:
                if p.name.endswith((".nii.gz", ".nii")))
 
 
-def evaluate(crlnseg: Runner, run: Path, name: str, split: Path) -> dict:
+def evaluate(crlnseg: Runner, run: Path, name: str, split: Path, flags: list[str]) -> dict:
     """Predict ``split/images`` with the last checkpoint, evaluate in voxels and in mm."""
     pred, log = run / f"pred_{name}", run.parent / f"{run.name}.log"
     expected = len(list((split / "images").iterdir()))
     if not pred.is_dir() or len(list(pred.glob("*.nii*"))) != expected:
-        crlnseg(["predict", split / "images", "-o", pred, "-m", run, "--overwrite"], log)
+        crlnseg(["predict", split / "images", "-o", pred, "-m", run, "--overwrite", *flags], log)
     result: dict = {"empty_predictions": count_empty(pred), "cases": expected}
     for units, flag in (("voxel", ["--voxel-units"]), ("mm", [])):
         report = run / f"eval_{name}_{units}.json"
@@ -229,7 +241,7 @@ def summarise(runs: list[dict], methods: list[str], names: list[str]) -> dict:
                 for m in METRICS:
                     entry[f"{name}/{m}_{units}"] = _mean_std([r[name][units][m] for r in mine])
             entry[f"{name}/empty_predictions"] = sum(r[name]["empty_predictions"] for r in mine)
-        if method == "crln":
+        if VARIANTS[method][0] == "crln":
             for key in ("pseudo_dice_raw", "pseudo_dice_rectified"):
                 entry[key] = _mean_std([r["pseudo"].get(key) for r in mine])
         table[method] = entry
@@ -257,11 +269,11 @@ def markdown(table: dict, names: list[str], meta: dict) -> str:
                 f"| {_cell(e[f'{name}/asd_mm'])} | {e[f'{name}/empty_predictions']} "
                 f"| {_cell(e['train_seconds'], 1 / 60, 1)} |")
         lines.append("")
-    if "crln" in table:
-        e = table["crln"]
-        lines += ["Pseudo-labels of `crln` on the unlabelled cases (last checkpoint, Dice %): "
-                  f"raw {_cell(e['pseudo_dice_raw'], 100)}, rectified "
-                  f"{_cell(e['pseudo_dice_rectified'], 100)}.", ""]
+    for method, e in table.items():
+        if "pseudo_dice_raw" in e:
+            lines += [f"Pseudo-labels of `{method}` on the unlabelled cases (last checkpoint, "
+                      f"Dice %): raw {_cell(e['pseudo_dice_raw'], 100)}, rectified "
+                      f"{_cell(e['pseudo_dice_rectified'], 100)}.", ""]
     return "\n".join(lines)
 
 
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     # Longest runs first, so parallel jobs finish together; results keep the seed/method order.
     order = [(seed, method) for seed in args.seeds for method in args.methods]
-    todo = sorted(order, key=lambda job: -COST[job[1]])
+    todo = sorted(order, key=lambda job: -COST[VARIANTS[job[1]][0]])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {job: pool.submit(run_one, crlnseg, root / "runs" / f"{job[1]}_seed{job[0]}",
                                     job[1], job[0], data, evals, args, iterations)
@@ -358,8 +370,8 @@ def run_one(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, 
     record: dict = {"method": method, "seed": seed, "run": str(run),
                     "train_seconds": train(crlnseg, run, method, seed, data, args, iterations)}
     for name, split in evals.items():
-        record[name] = evaluate(crlnseg, run, name, split)
-    if method == "crln":
+        record[name] = evaluate(crlnseg, run, name, split, VARIANTS[method][2])
+    if VARIANTS[method][0] == "crln":
         record["pseudo"] = rectify(crlnseg, run, data["unlabelled"] / "images",
                                    data["unlabelled_truth"] / "labels")
         record["reliable"] = reliable_curve(run)
