@@ -1,13 +1,14 @@
 """Time and peak memory of one CRLN iteration against one plain mean-teacher iteration.
 
-One subprocess per crop size. It builds the mean-teacher state, runs its warm-up iteration and
-reads the peak memory (RSS on the CPU, CUDA allocator peak on a GPU); then the same for CRLN
-(RSS is a running maximum, and the mean-teacher activations are freed by then, so the second
-reading is CRLN's peak unless it is lower than the mean teacher's). The timed iterations then
-alternate between the two methods, so a noisy shared machine slows both alike and the ratio of
-medians is fair. Run by hand, not by pytest:
+Peak memory: one fresh subprocess per crop size and method builds the state, runs the warm-up
+iteration(s) and reads the peak (process RSS on the CPU, a running maximum; CUDA allocator peak on
+a GPU). Time: one more subprocess per crop size alternates the timed iterations between the
+methods, so a noisy shared machine slows all alike and the ratio of medians is fair. A method
+name ending in ``+ckpt`` (e.g. ``crln+ckpt``) runs with ``train.activation_checkpointing``.
+Run by hand, not by pytest:
 
     OMP_NUM_THREADS=2 python benchmarks/iteration_speed.py --threads 2
+    OMP_NUM_THREADS=2 python benchmarks/iteration_speed.py --methods mean-teacher crln crln+ckpt
     python benchmarks/iteration_speed.py --device cuda --amp --channels-last
 """
 
@@ -33,12 +34,14 @@ def _peak_gib(device) -> float:
 def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
     from crlnseg.settings import RunSettings
 
+    method, ckpt = method.removesuffix("+ckpt"), method.endswith("+ckpt")
     return RunSettings.model_validate({
         "model": {"base_filters": args.base_filters, "prototypes_per_class": args.prototypes,
                   "prototype_dim": args.prototype_dim},
         # warm-up 0: every timed iteration rectifies, the full CRLN path.
         "method": {"method": method, "warmup_fraction": 0.0},
-        "train": {"patch": size, "amp": args.amp, "channels_last": args.channels_last}})
+        "train": {"patch": size, "amp": args.amp, "channels_last": args.channels_last,
+                  "activation_checkpointing": ckpt}})
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
@@ -73,13 +76,15 @@ def worker(args: argparse.Namespace) -> list[dict]:
         for _ in range(args.warmup):
             step(method)
         peaks[method] = _peak_gib(device)
+    if args.memory_only:
+        return [{"method": m, "peak_gib": round(peaks[m], 3)} for m in args.methods]
     times: dict[str, list[float]] = {m: [] for m in args.methods}
     for _ in range(args.iterations):
         for method in args.methods:
             times[method].append(step(method))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     return [{"method": m, "size": args.size, "median_s": statistics.median(times[m]),
-             "times_s": [round(t, 3) for t in times[m]], "peak_gib": round(peaks[m], 3),
+             "times_s": [round(t, 3) for t in times[m]],
              "device": name, "amp": args.amp, "channels_last": args.channels_last}
             for m in args.methods]
 
@@ -98,18 +103,29 @@ def main() -> None:
     p.add_argument("--prototypes", type=int, default=16)
     p.add_argument("--prototype-dim", type=int, default=64)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
     passthrough = [a for a in sys.argv[1:]]
+    if "--methods" in passthrough:  # the workers get their methods one by one below
+        i = passthrough.index("--methods")
+        passthrough = passthrough[:i] + passthrough[i + 1 + len(args.methods):]
+
+    def run(size: str, methods: list[str], extra: list[str]) -> list[dict]:
+        cmd = [sys.executable, __file__, *passthrough, "--worker", "--size", size,
+               "--methods", *methods, *extra]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        print(out.strip().splitlines()[-1], file=sys.stderr)
+        return json.loads(out.strip().splitlines()[-1])
+
     rows = []
     for size in args.sizes:
-        cmd = [sys.executable, __file__, *passthrough, "--worker", "--size", size]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows += json.loads(out.strip().splitlines()[-1])
-        print(out.strip().splitlines()[-1], file=sys.stderr)
+        peaks = {m: run(size, [m], ["--memory-only"])[0]["peak_gib"] for m in args.methods}
+        timed = run(size, args.methods, [])
+        rows += [{**r, "peak_gib": peaks[r["method"]]} for r in timed]
     print("| size | method | median s/iter | peak GiB | x mean-teacher time | x MT memory |")
     print("|---|---|---|---|---|---|")
     for r in rows:

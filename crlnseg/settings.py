@@ -130,6 +130,7 @@ class TrainSettings(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
     channels_last: bool = Field(False, description="channels-last 3D memory format on CUDA")
+    activation_checkpointing: bool = Field(False, description="recompute the student's full-resolution activations in the backward pass: same results, less memory, a little more time")
     num_workers: int = Field(2, ge=0, description="data loader worker processes")
     log_every: int = Field(20, ge=1, description="iterations between metrics.jsonl lines")
     checkpoint_every: int = Field(1000, ge=1, description="iterations between periodic checkpoints")

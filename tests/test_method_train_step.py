@@ -130,3 +130,21 @@ def test_seeded_iterations_are_reproducible_and_resume_exactly():
         for (k, v), w in zip(sa.student.state_dict().items(),
                              other.student.state_dict().values(), strict=True):
             assert torch.equal(v, w), k
+
+
+def test_activation_checkpointing_gives_the_same_iterations():
+    settings = tiny()
+    ck = tiny().model_copy(update={"train": tiny().train.model_copy(
+        update={"activation_checkpointing": True})})
+    a, sa = run(settings, 2)
+    b, sb = run(ck, 2)
+    assert sb.student.backbone.checkpoint_activations
+    for ra, rb in zip(a, b, strict=True):
+        for key, va in ra.as_dict().items():
+            vb = rb.as_dict()[key]
+            assert (va is None) == (vb is None), key
+            if va is not None:
+                assert vb == pytest.approx(va, rel=1e-4, abs=1e-6), key
+    for (k, v), w in zip(sa.student.state_dict().items(), sb.student.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-6, msg=k)

@@ -98,6 +98,7 @@ def init_state(settings: RunSettings, device: torch.device) -> TrainState:
         torch.manual_seed(settings.train.seed)
         student = build_model(settings)
     student.to(device)
+    student.backbone.checkpoint_activations = settings.train.activation_checkpointing
     if settings.train.channels_last:  # also pays on the CPU (oneDNN skips layout reorders)
         student.to(memory_format=torch.channels_last_3d)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)

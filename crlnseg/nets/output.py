@@ -35,10 +35,13 @@ class NetOutput:
 
     @staticmethod
     def build(logits: Tensor, feat_quarter: Tensor, feat_half: Tensor, last: Tensor,
-              head: ProjectionHead, embed: EmbedMode) -> NetOutput:
+              head: ProjectionHead, embed: EmbedMode, checkpoint: bool = False) -> NetOutput:
+        from crlnseg.nets.checkpointing import checkpointed
+
         if embed not in ("dense", "hidden", "none"):
             raise ValueError(f"embed must be dense, hidden or none, got {embed!r}")
-        hidden = head.hidden(last) if embed != "none" else None
+        hidden = (checkpointed(head.hidden, head.hidden, last, enabled=checkpoint)
+                  if embed != "none" else None)
         dense = head.project(hidden) if embed == "dense" else None
         return NetOutput(logits, feat_quarter, feat_half, dense, hidden)
 

@@ -1,6 +1,8 @@
 """3D U-Net variant (BraTS-like data): double conv blocks, max-pool down, transposed conv up,
 concatenated skips. Same five levels ``base * (1, 2, 4, 8, 16)`` and same :class:`NetOutput` as the
 V-Net, so the Dynamic Interaction Module sees 1/4 (``4 * base``) and 1/2 (``2 * base``) features.
+``checkpoint_activations`` recomputes the full-resolution layers in the backward pass (as the
+V-Net does).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from crlnseg.nets.checkpointing import checkpointed
 from crlnseg.nets.heads import ProjectionHead
 from crlnseg.nets.output import EmbedMode, NetOutput, check_input
 from crlnseg.nets.vnet import conv_block
@@ -31,18 +34,29 @@ class UNet3D(nn.Module):
         self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
         self.out_conv = nn.Conv3d(b, num_classes, 1)
         self.head = ProjectionHead(b, b, embed_dim)
+        self.checkpoint_activations = False
+
+    def _top_down(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        skip = self.enc[0](x)
+        return skip, self.pool(skip)
+
+    def _top_up(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.dec[3](torch.cat([self.up[3](x), skip], dim=1))
+        return x, self.out_conv(self.dropout(x))
 
     def forward(self, x: Tensor, embed: EmbedMode = "dense") -> NetOutput:
         check_input(x, 16)
-        skips = []
-        for i in range(4):
+        ck = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        skip, x = checkpointed(self._top_down, self, x, enabled=ck)
+        skips = [skip]
+        for i in range(1, 4):
             x = self.enc[i](x)
             skips.append(x)
             x = self.pool(x)
         x = self.dropout(self.enc[4](x))
         feats = []
-        for i in range(4):
+        for i in range(3):
             x = self.dec[i](torch.cat([self.up[i](x), skips[3 - i]], dim=1))
             feats.append(x)
-        logits = self.out_conv(self.dropout(x))
-        return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed)
+        x, logits = checkpointed(self._top_up, self, x, skip, enabled=ck)
+        return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed, checkpoint=ck)

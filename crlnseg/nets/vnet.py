@@ -5,12 +5,17 @@ convolutions up with additive skips, BatchNorm, Dropout3d(0.5) on the bottleneck
 decoder block when ``dropout``. Input sides must be multiples of 16 (four halvings).
 Returns :class:`NetOutput`: logits, the decoder features at 1/4 (``4 * base`` channels) and 1/2
 (``2 * base``) resolution that feed the Dynamic Interaction Module, and the projection embedding.
+With ``checkpoint_activations`` (training only) the full-resolution top of the encoder, of the
+decoder and the projection head's hidden layer are recomputed in the backward pass
+(:mod:`crlnseg.nets.checkpointing`): same results, a fraction of the activation memory.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from crlnseg.nets.checkpointing import checkpointed
 from crlnseg.nets.heads import ProjectionHead
 from crlnseg.nets.output import EmbedMode, NetOutput, check_input
 
@@ -51,18 +56,29 @@ class VNet(nn.Module):
         self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
         self.out_conv = nn.Conv3d(b, num_classes, 1)
         self.head = ProjectionHead(b, b, embed_dim)
+        self.checkpoint_activations = False
+
+    def _top_down(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        skip = self.enc[0](x)
+        return skip, self.down[0](skip)
+
+    def _top_up(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.dec[3](self.up[3](x) + skip)
+        return x, self.out_conv(self.dropout(x))
 
     def forward(self, x: Tensor, embed: EmbedMode = "dense") -> NetOutput:
         check_input(x, 16)
-        skips = []
-        for i in range(4):
+        ck = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        skip, x = checkpointed(self._top_down, self, x, enabled=ck)
+        skips = [skip]
+        for i in range(1, 4):
             x = self.enc[i](x)
             skips.append(x)
             x = self.down[i](x)
         x = self.dropout(self.enc[4](x))
         feats = []
-        for i in range(4):
+        for i in range(3):
             x = self.dec[i](self.up[i](x) + skips[3 - i])
             feats.append(x)
-        logits = self.out_conv(self.dropout(x))
-        return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed)
+        x, logits = checkpointed(self._top_up, self, x, skip, enabled=ck)
+        return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed, checkpoint=ck)
