@@ -3,8 +3,9 @@
 Peak memory: one fresh subprocess per crop size and method builds the state, runs the warm-up
 iteration(s) and reads the peak (process RSS on the CPU, a running maximum; CUDA allocator peak on
 a GPU). Time: one more subprocess per crop size alternates the timed iterations between the
-methods, so a noisy shared machine slows all alike and the ratio of medians is fair. A method
-name ending in ``+ckpt`` (e.g. ``crln+ckpt``) runs with ``train.activation_checkpointing``.
+methods, so a noisy shared machine slows all alike and the ratio of medians is fair. Suffixes
+switch options per method: ``+ckpt`` (``train.activation_checkpointing``), ``+cl``
+(``train.channels_last``), e.g. ``crln+ckpt+cl``.
 Run by hand, not by pytest:
 
     OMP_NUM_THREADS=2 python benchmarks/iteration_speed.py --threads 2
@@ -34,14 +35,15 @@ def _peak_gib(device) -> float:
 def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
     from crlnseg.settings import RunSettings
 
-    method, ckpt = method.removesuffix("+ckpt"), method.endswith("+ckpt")
+    method, *flags = method.split("+")
     return RunSettings.model_validate({
         "model": {"base_filters": args.base_filters, "prototypes_per_class": args.prototypes,
                   "prototype_dim": args.prototype_dim},
         # warm-up 0: every timed iteration rectifies, the full CRLN path.
         "method": {"method": method, "warmup_fraction": 0.0},
-        "train": {"patch": size, "amp": args.amp, "channels_last": args.channels_last,
-                  "activation_checkpointing": ckpt}})
+        "train": {"patch": size, "amp": args.amp,
+                  "channels_last": args.channels_last or "cl" in flags,
+                  "activation_checkpointing": "ckpt" in flags}})
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
@@ -51,6 +53,10 @@ def worker(args: argparse.Namespace) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":  # as `crlnseg train` does (CRLNSEG_GLIBC_MMAP=0 to compare without)
+        from crlnseg.allocator import release_freed_memory
+
+        release_freed_memory()
     size = tuple(int(s) for s in args.size.split("x"))
     torch.manual_seed(0)
     x = torch.randn(4, 1, *size)

@@ -129,7 +129,7 @@ class TrainSettings(Strict):
     seed: int = Field(1337, description="random seed")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
-    channels_last: bool = Field(False, description="channels-last 3D memory format on CUDA")
+    channels_last: bool | None = Field(None, description="channels-last 3D memory format; None: on the CPU (faster there, benchmarks/RESULTS.md), not on CUDA (not measured)")
     activation_checkpointing: bool = Field(False, description="recompute the student's full-resolution activations in the backward pass: same results, less memory, a little more time")
     num_workers: int = Field(2, ge=0, description="data loader worker processes")
     log_every: int = Field(20, ge=1, description="iterations between metrics.jsonl lines")

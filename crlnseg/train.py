@@ -172,6 +172,10 @@ def run_worker(plan: RunPlan) -> TrainResult:
     d = init_process(plan.device_type)
     if d.enabled and d.device.type == "cpu":  # share the cores between CPU ranks
         torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
+    if d.device.type == "cpu":
+        from crlnseg.allocator import release_freed_memory
+
+        release_freed_memory()  # keeps freed activations from inflating the process (see module)
     try:
         s = plan.settings
         state = init_state(s, d.device)

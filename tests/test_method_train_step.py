@@ -148,3 +148,18 @@ def test_activation_checkpointing_gives_the_same_iterations():
     for (k, v), w in zip(sa.student.state_dict().items(), sb.student.state_dict().values(),
                          strict=True):
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_channels_last_defaults_to_the_cpu_only():
+    from crlnseg.method.train_step import channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert channels_last(tiny(), cpu) and not channels_last(tiny(), cuda)
+    off = tiny().model_copy(update={"train": tiny().train.model_copy(
+        update={"channels_last": False})})
+    assert not channels_last(off, cpu)
+    state = init_state(tiny(), cpu)
+    conv = state.student.backbone.enc[1][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not init_state(off, cpu).student.backbone.enc[1][0].weight.is_contiguous(
+        memory_format=torch.channels_last_3d)

@@ -33,7 +33,8 @@ from crlnseg.method.rectification import confident_share, pseudo_labels, rectify
 from crlnseg.settings import RunSettings
 
 __all__ = ["TrainState", "Batch", "StepRecord", "poly_lr", "warmup_iterations", "init_state",
-           "state_to_dict", "state_from_dict", "autocast", "student_losses", "train_step"]
+           "state_to_dict", "state_from_dict", "autocast", "channels_last", "student_losses",
+           "train_step"]
 
 
 @dataclass
@@ -99,7 +100,7 @@ def init_state(settings: RunSettings, device: torch.device) -> TrainState:
         student = build_model(settings)
     student.to(device)
     student.backbone.checkpoint_activations = settings.train.activation_checkpointing
-    if settings.train.channels_last:  # also pays on the CPU (oneDNN skips layout reorders)
+    if channels_last(settings, device):
         student.to(memory_format=torch.channels_last_3d)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     o = settings.optim
@@ -133,9 +134,16 @@ def state_from_dict(state: TrainState, d: dict[str, Any]) -> None:
     state.iteration = int(d["iteration"])
 
 
+def channels_last(settings: RunSettings, device: torch.device) -> bool:
+    """``train.channels_last``; unset: on the CPU only, where oneDNN's channels-last 3-D
+    convolutions measured ~1.25x faster (no GPU measurement yet)."""
+    chosen = settings.train.channels_last
+    return device.type == "cpu" if chosen is None else chosen
+
+
 def _to(x: Tensor, device: torch.device, settings: RunSettings) -> Tensor:
     x = x.to(device, non_blocking=True)
-    if settings.train.channels_last and x.dim() == 5:
+    if channels_last(settings, device) and x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     return x
 

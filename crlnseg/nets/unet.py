@@ -40,9 +40,11 @@ class UNet3D(nn.Module):
         skip = self.enc[0](x)
         return skip, self.pool(skip)
 
-    def _top_up(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.dec[3](torch.cat([self.up[3](x), skip], dim=1))
-        return x, self.out_conv(self.dropout(x))
+    def _up_top(self, x: Tensor, skip: Tensor) -> Tensor:
+        return torch.cat([self.up[3](x), skip], dim=1)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.out_conv(self.dropout(x))
 
     def forward(self, x: Tensor, embed: EmbedMode = "dense") -> NetOutput:
         check_input(x, 16)
@@ -58,5 +60,9 @@ class UNet3D(nn.Module):
         for i in range(3):
             x = self.dec[i](torch.cat([self.up[i](x), skips[3 - i]], dim=1))
             feats.append(x)
-        x, logits = checkpointed(self._top_up, self, x, skip, enabled=ck)
+        # Three segments, not one: the backward pass then rebuilds one block's activations at a
+        # time, and the peak (reached there, not in the forward pass) stays lower.
+        x = checkpointed(self._up_top, self, x, skip, enabled=ck)
+        x = checkpointed(self.dec[3], self, x, enabled=ck)
+        logits = checkpointed(self._logits, self, x, enabled=ck)
         return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed, checkpoint=ck)

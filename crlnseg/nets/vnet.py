@@ -62,9 +62,11 @@ class VNet(nn.Module):
         skip = self.enc[0](x)
         return skip, self.down[0](skip)
 
-    def _top_up(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.dec[3](self.up[3](x) + skip)
-        return x, self.out_conv(self.dropout(x))
+    def _up_top(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.up[3](x) + skip
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.out_conv(self.dropout(x))
 
     def forward(self, x: Tensor, embed: EmbedMode = "dense") -> NetOutput:
         check_input(x, 16)
@@ -80,5 +82,9 @@ class VNet(nn.Module):
         for i in range(3):
             x = self.dec[i](self.up[i](x) + skips[3 - i])
             feats.append(x)
-        x, logits = checkpointed(self._top_up, self, x, skip, enabled=ck)
+        # Three segments, not one: the backward pass then rebuilds one block's activations at a
+        # time, and the peak (reached there, not in the forward pass) stays lower.
+        x = checkpointed(self._up_top, self, x, skip, enabled=ck)
+        x = checkpointed(self.dec[3], self, x, enabled=ck)
+        logits = checkpointed(self._logits, self, x, enabled=ck)
         return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed, checkpoint=ck)
