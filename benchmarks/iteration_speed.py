@@ -4,8 +4,11 @@ Peak memory: one fresh subprocess per crop size and method builds the state, run
 iteration(s) and reads the peak (process RSS on the CPU, a running maximum; CUDA allocator peak on
 a GPU). Time: one more subprocess per crop size alternates the timed iterations between the
 methods, so a noisy shared machine slows all alike and the ratio of medians is fair. Suffixes
-switch options per method: ``+ckpt`` (``train.activation_checkpointing``), ``+cl``
-(``train.channels_last``), e.g. ``crln+ckpt+cl``.
+switch options per method: ``+ckpt`` (``train.activation_checkpointing``), ``+cl`` / ``+ncdhw``
+(``train.channels_last`` true / false; unset: channels-last on the CPU), e.g. ``crln+ckpt+ncdhw``.
+Like ``crlnseg train`` on the CPU, a worker whose methods all checkpoint fixes glibc's mmap
+threshold (:mod:`crlnseg.allocator`); the mixed timing process does not, unless
+``CRLNSEG_GLIBC_MMAP=1`` (``=0``: never).
 Run by hand, not by pytest:
 
     OMP_NUM_THREADS=2 python benchmarks/iteration_speed.py --threads 2
@@ -42,21 +45,23 @@ def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
         # warm-up 0: every timed iteration rectifies, the full CRLN path.
         "method": {"method": method, "warmup_fraction": 0.0},
         "train": {"patch": size, "amp": args.amp,
-                  "channels_last": args.channels_last or "cl" in flags,
+                  "channels_last": True if args.channels_last or "cl" in flags
+                  else False if "ncdhw" in flags else None,
                   "activation_checkpointing": "ckpt" in flags}})
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from crlnseg.method.train_step import Batch, init_state, train_step
+    from crlnseg.method.train_step import Batch, channels_last, init_state, train_step
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cpu":  # as `crlnseg train` does (CRLNSEG_GLIBC_MMAP=0 to compare without)
-        from crlnseg.allocator import release_freed_memory
+    if device.type == "cpu":  # as `crlnseg train` does; process-wide, so decided per process
+        from crlnseg.allocator import release_freed_memory, wanted
 
-        release_freed_memory()
+        if wanted(all(m.endswith("+ckpt") or "+ckpt+" in m for m in args.methods)):
+            release_freed_memory()
     size = tuple(int(s) for s in args.size.split("x"))
     torch.manual_seed(0)
     x = torch.randn(4, 1, *size)
@@ -91,7 +96,9 @@ def worker(args: argparse.Namespace) -> list[dict]:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     return [{"method": m, "size": args.size, "median_s": statistics.median(times[m]),
              "times_s": [round(t, 3) for t in times[m]],
-             "device": name, "amp": args.amp, "channels_last": args.channels_last}
+             "device": name, "amp": args.amp,
+             "channels_last": channels_last(settings[m], device),
+             "activation_checkpointing": settings[m].train.activation_checkpointing}
             for m in args.methods]
 
 

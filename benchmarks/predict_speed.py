@@ -6,6 +6,9 @@
    Targets: Gaussian <= 0.25x the time of stride 18 x 18 x 4, Dice loss <= 0.5 points.
 2. Peak memory (max RSS of a subprocess running ``crlnseg predict``) on a synthetic random
    512 x 512 x 300 volume, next to the size of the blending buffers.
+3. With ``--full-resolution-model RUN`` (a run trained with 112 x 112 x 80 patches, e.g. the
+   ``la8`` preset): seconds per case of both protocols on the two full-resolution HDF5 LA cases,
+   the setting in which the literature defined its stride (timing only: no labels are scored).
 
     python benchmarks/predict_speed.py -m RUN                   # cases 65-80 of cases.txt
     python benchmarks/predict_speed.py -m RUN --cases 4 --memory-shape 0 0 0  # no memory test
@@ -47,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick-train", type=Path, default=None,
                    help="train a cpu-preset run here first (--iterations) and use it")
     p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--full-resolution-model", type=Path, default=None,
+                   help="time both protocols on ../la_h5 with this run (112 x 112 x 80 patches)")
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
     return p.parse_args(argv)
 
@@ -106,6 +111,36 @@ def compare_protocols(args: argparse.Namespace) -> dict:
         print(cid, {k: round(v["seconds"][-1], 2) for k, v in rows.items()}, file=sys.stderr)
     patch = next(iter(predictors.values())).patch
     return {"cases": ids, "patch": list(patch), "protocols": rows}
+
+
+def time_full_resolution(args: argparse.Namespace, h5_root: Path) -> dict:
+    """Seconds per case of Gaussian overlap vs uniform stride on the full-resolution cases."""
+    import torch
+
+    from crlnseg.inference.predictor import Predictor
+    from crlnseg.io import read_case_images
+    from crlnseg.settings import PredictSettings
+
+    torch.set_num_threads(2)
+    protocols = {
+        f"gaussian overlap {args.overlap:g}": PredictSettings(
+            mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu"),
+        f"uniform stride {' '.join(map(str, args.stride))}": PredictSettings(
+            mode="uniform", stride=tuple(args.stride), batch_size=args.batch_size, device="cpu")}
+    predictors = {k: Predictor.from_run(args.full_resolution_model, "last", s)
+                  for k, s in protocols.items()}
+    rows: dict[str, list[float]] = {k: [] for k in protocols}
+    paths = sorted(h5_root.glob("*/mri_norm2.h5"))
+    for i, path in enumerate(paths):
+        volume = read_case_images([path], (0.625, 0.625, 0.625))
+        for name in (list(protocols) if i % 2 == 0 else list(reversed(protocols))):
+            start = time.perf_counter()
+            predictors[name].predict_volume(volume)
+            rows[name].append(time.perf_counter() - start)
+        print(path.parent.name, {k: round(v[-1], 2) for k, v in rows.items()}, file=sys.stderr)
+    patch = next(iter(predictors.values())).patch
+    return {"model": str(args.full_resolution_model), "patch": list(patch),
+            "cases": [p.parent.name for p in paths], "seconds": rows}
 
 
 def full_resolution_counts(h5_root: Path, patch=(112, 112, 80), overlap=0.5,
@@ -194,6 +229,13 @@ def report(result: dict) -> None:
     for cid, c in result.get("full_resolution", {}).get("cases", {}).items():
         print(f"full resolution {cid} {c['shape']}, patch 112 112 80: {c['gaussian']} patches "
               f"(Gaussian) vs {c['uniform']} (stride) = {c['gaussian'] / c['uniform']:.2f}x")
+    if "full_resolution_time" in result:
+        f = result["full_resolution_time"]
+        base = float(np.mean(next(v for k, v in f["seconds"].items() if k.startswith("uniform"))))
+        for name, secs in f["seconds"].items():
+            print(f"full resolution, patch {f['patch']}, {name}: "
+                  f"{', '.join(f'{s:.1f}' for s in secs)} s per case (mean {np.mean(secs):.1f} s, "
+                  f"{np.mean(secs) / base:.2f}x the stride protocol)")
     if "memory" in result:
         m = result["memory"]
         print(f"memory {m['shape']} overlap {m['overlap']}: max RSS {m['max_rss_mb']:.0f} MB "
@@ -217,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     if h5_root.is_dir():
         result["full_resolution"] = full_resolution_counts(h5_root, overlap=args.overlap,
                                                            stride=tuple(args.stride))
+    if args.full_resolution_model is not None and h5_root.is_dir():
+        result["full_resolution_time"] = time_full_resolution(args, h5_root)
     if all(args.memory_shape):
         result["memory"] = peak_memory(args)
     report(result)

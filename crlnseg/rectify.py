@@ -119,10 +119,6 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
     planned = [p for o in outputs.values() for p in [*o.files.values(), o.preview] if p]
     check_outputs(planned + [out / "summary.csv", out / "summary.json"], overwrite)
     predictor = Predictor.from_run(model, which, settings or PredictSettings())
-    if predictor.device.type == "cpu":
-        from crlnseg.allocator import release_freed_memory
-
-        release_freed_memory()
     n_classes = len(predictor.classes)
     rows = []
     for i, case in enumerate(cases, 1):

@@ -173,9 +173,10 @@ def run_worker(plan: RunPlan) -> TrainResult:
     if d.enabled and d.device.type == "cpu":  # share the cores between CPU ranks
         torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
     if d.device.type == "cpu":
-        from crlnseg.allocator import release_freed_memory
+        from crlnseg.allocator import release_freed_memory, wanted
 
-        release_freed_memory()  # keeps freed activations from inflating the process (see module)
+        if wanted(plan.settings.train.activation_checkpointing):  # memory over speed
+            release_freed_memory()
     try:
         s = plan.settings
         state = init_state(s, d.device)

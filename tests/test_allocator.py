@@ -10,10 +10,10 @@ import pytest
 
 PROBE = """
 import os, sys, torch
-from crlnseg.allocator import release_freed_memory
+from crlnseg.allocator import release_freed_memory, wanted
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
-print(int(release_freed_memory()))
+print(int(wanted(False) and release_freed_memory()))
 torch.ones(2 << 20).sum()  # free one 8 MB block: glibc raises its threshold above 4 MB
 before = rss()
 blocks = []
@@ -33,7 +33,7 @@ def probe(env: dict[str, str]) -> tuple[bool, int, int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_freed_tensors_are_returned_only_with_the_fixed_threshold() -> None:
-    on, peak_on, kept_on = probe({})
+    on, peak_on, kept_on = probe({"CRLNSEG_GLIBC_MMAP": "1"})
     off, peak_off, kept_off = probe({"CRLNSEG_GLIBC_MMAP": "0"})
     if not on:
         pytest.skip("C library without mallopt")
@@ -41,3 +41,14 @@ def test_freed_tensors_are_returned_only_with_the_fixed_threshold() -> None:
     assert peak_on > 200 and peak_off > 200  # 256 MB were resident at the peak
     assert kept_on < 30  # returned on free
     assert kept_off > 200  # glibc's default keeps the fragmented heap
+
+
+def test_only_the_memory_mode_wants_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crlnseg.allocator import wanted
+
+    monkeypatch.delenv("CRLNSEG_GLIBC_MMAP", raising=False)
+    assert wanted(True) and not wanted(False)
+    monkeypatch.setenv("CRLNSEG_GLIBC_MMAP", "0")
+    assert not wanted(True)
+    monkeypatch.setenv("CRLNSEG_GLIBC_MMAP", "1")
+    assert wanted(False)
