@@ -1,0 +1,80 @@
+"""Dice of raw vs rectified pseudo-labels over training, from a run's periodic checkpoints.
+
+The paper shows the quality of pseudo-labels as training goes on; ``crlnseg rectify --labels``
+scores one checkpoint. This script scores every ``checkpoints/iter_<N>.pt`` of each run on the
+unlabelled cases whose labels are known (as ``benchmarks/la.py`` keeps them apart), with the same
+code path as ``crlnseg rectify`` (:meth:`Predictor.rectify_volume`, Gaussian sliding window).
+
+    python benchmarks/pseudo_label_curve.py benchmarks/results/la_8/runs/crln_seed{0,1,2} \\
+        --images benchmarks/results/la_8/data/unlabelled/images \\
+        --labels benchmarks/results/la_8/data/unlabelled_truth/labels --every 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in (run / "checkpoints").glob("iter_*.pt")
+             if (m := re.fullmatch(r"iter_(\d+)\.pt", p.name))]
+    return sorted(found)
+
+
+def score(run: Path, checkpoint: Path, images: list[Path], labels: Path) -> dict:
+    from crlnseg.inference.predictor import Predictor
+    from crlnseg.io import read_case_images, read_label
+    from crlnseg.rectify import find_label, mean_dice
+    from crlnseg.settings import PredictSettings
+
+    predictor = Predictor.from_run(run, str(checkpoint), PredictSettings(device="cpu"))
+    classes = len(predictor.classes)
+    raw, rect, better = [], [], 0
+    for path in images:
+        volume = read_case_images([path], predictor.prepare.h5_spacing)
+        case_id = path.name.split(".")[0]
+        label = read_label(find_label(labels, case_id), reference=volume).array
+        pred = predictor.rectify_volume(volume)
+        raw.append(mean_dice(pred.raw, label, classes))
+        rect.append(mean_dice(pred.rectified, label, classes))
+        better += rect[-1] > raw[-1]
+    return {"mu": predictor.mu, "dice_raw": float(np.mean(raw)),
+            "dice_rectified": float(np.mean(rect)), "cases_rectified_better": better,
+            "cases": len(images)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--every", type=int, default=1, help="score every k-th case (sorted by name)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    images = sorted(q for q in args.images.iterdir() if q.name.endswith((".nii.gz", ".nii")))
+    images = images[::args.every]
+    result: dict = {}
+    print("| run | iteration | mu | Dice raw % | Dice rectified % | difference | cases better |")
+    print("|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        result[run.name] = {}
+        for iteration, ckpt in checkpoints(run):
+            r = score(run, ckpt, images, args.labels)
+            result[run.name][iteration] = r
+            print(f"| {run.name} | {iteration} | {r['mu']:.3f} | {100 * r['dice_raw']:.2f} | "
+                  f"{100 * r['dice_rectified']:.2f} | "
+                  f"{100 * (r['dice_rectified'] - r['dice_raw']):+.2f} | "
+                  f"{r['cases_rectified_better']}/{r['cases']} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{len(images)} cases scored per checkpoint", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
