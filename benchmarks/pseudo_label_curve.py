@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--labels", type=Path, required=True)
     p.add_argument("--every", type=int, default=1, help="score every k-th case (sorted by name)")
+    p.add_argument("--iterations", type=int, nargs="+", default=None,
+                   help="only these checkpoints (default: every iter_<N>.pt)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     images = sorted(q for q in args.images.iterdir() if q.name.endswith((".nii.gz", ".nii")))
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     for run in args.runs:
         result[run.name] = {}
         for iteration, ckpt in checkpoints(run):
+            if args.iterations and iteration not in args.iterations:
+                continue
             r = score(run, ckpt, images, args.labels)
             result[run.name][iteration] = r
             print(f"| {run.name} | {iteration} | {r['mu']:.3f} | {100 * r['dice_raw']:.2f} | "
