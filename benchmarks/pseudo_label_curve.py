@@ -3,7 +3,8 @@
 The paper shows the quality of pseudo-labels as training goes on; ``crlnseg rectify --labels``
 scores one checkpoint. This script scores every ``checkpoints/iter_<N>.pt`` of each run on the
 unlabelled cases whose labels are known (as ``benchmarks/la.py`` keeps them apart), with the same
-code path as ``crlnseg rectify`` (:meth:`Predictor.rectify_volume`, Gaussian sliding window).
+preprocessing, sliding window and restoration as ``crlnseg rectify``, and adds the Dice of the
+relationship map M(x) on its own (argmax softmax(M)).
 
     python benchmarks/pseudo_label_curve.py benchmarks/results/la_8/runs/crln_seed{0,1,2} \\
         --images benchmarks/results/la_8/data/unlabelled/images \\
@@ -28,25 +29,44 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 
 def score(run: Path, checkpoint: Path, images: list[Path], labels: Path) -> dict:
+    """Mean Dice over ``images`` of argmax softmax(f) (raw), softmax(f + (1 - mu) M) (rectified,
+    as ``crlnseg rectify`` computes them) and softmax(M) alone, from one sliding-window pass."""
+    import torch
+
+    from crlnseg.data.preprocessing import preprocess, restore
     from crlnseg.inference.predictor import Predictor
+    from crlnseg.inference.sliding_window import sliding_window
     from crlnseg.io import read_case_images, read_label
+    from crlnseg.method.rectification import rectify
     from crlnseg.rectify import find_label, mean_dice
     from crlnseg.settings import PredictSettings
 
     predictor = Predictor.from_run(run, str(checkpoint), PredictSettings(device="cpu"))
-    classes = len(predictor.classes)
-    raw, rect, better = [], [], 0
+    c, mu, s = len(predictor.classes), predictor.mu, predictor.settings
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        out = predictor.model(x, with_relation=True, embed="none")
+        f, m = out.logits.float(), out.relation.float()
+        return torch.cat([torch.softmax(f, 1), torch.softmax(rectify(f, m, mu), 1),
+                          torch.softmax(m, 1)], 1)
+
+    dice: dict[str, list[float]] = {"raw": [], "rectified": [], "relation": []}
+    better = 0
     for path in images:
         volume = read_case_images([path], predictor.prepare.h5_spacing)
-        case_id = path.name.split(".")[0]
-        label = read_label(find_label(labels, case_id), reference=volume).array
-        pred = predictor.rectify_volume(volume)
-        raw.append(mean_dice(pred.raw, label, classes))
-        rect.append(mean_dice(pred.rectified, label, classes))
-        better += rect[-1] > raw[-1]
-    return {"mu": predictor.mu, "dice_raw": float(np.mean(raw)),
-            "dice_rectified": float(np.mean(rect)), "cases_rectified_better": better,
-            "cases": len(images)}
+        label = read_label(find_label(labels, path.name.split(".")[0]), reference=volume).array
+        case = preprocess(volume, None, predictor.prepare)
+        image = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
+        with torch.inference_mode():
+            probs = sliding_window(image, heads, predictor.patch, 3 * c, blend=s.mode,
+                                   overlap=s.overlap, stride=s.stride, batch_size=s.batch_size)
+        probs = restore(probs.numpy(), case.info, probabilities=True)
+        for i, name in enumerate(dice):
+            dice[name].append(mean_dice(probs[i * c:(i + 1) * c].argmax(0), label, c))
+        better += dice["rectified"][-1] > dice["raw"][-1]
+    return {"mu": mu, **{f"dice_{k}": float(np.mean(v)) for k, v in dice.items()},
+            "cases_rectified_better": better, "cases": len(images)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     images = sorted(q for q in args.images.iterdir() if q.name.endswith((".nii.gz", ".nii")))
     images = images[::args.every]
     result: dict = {}
-    print("| run | iteration | mu | Dice raw % | Dice rectified % | difference | cases better |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | iteration | mu | Dice raw % | Dice rectified % | difference | cases better "
+          "| Dice M(x) alone % |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         result[run.name] = {}
         for iteration, ckpt in checkpoints(run):
@@ -74,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {run.name} | {iteration} | {r['mu']:.3f} | {100 * r['dice_raw']:.2f} | "
                   f"{100 * r['dice_rectified']:.2f} | "
                   f"{100 * (r['dice_rectified'] - r['dice_raw']):+.2f} | "
-                  f"{r['cases_rectified_better']}/{r['cases']} |", flush=True)
+                  f"{r['cases_rectified_better']}/{r['cases']} | {100 * r['dice_relation']:.2f} |",
+                  flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{len(images)} cases scored per checkpoint", file=sys.stderr)
