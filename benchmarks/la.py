@@ -42,6 +42,9 @@ VARIANTS: dict[str, tuple[str, list[str], list[str]]] = {
     "crln": ("crln", [], []),
     "crln-no-rectify": ("crln", ["method.rectify=false"], ["--no-rectify"]),
     "crln-no-ps": ("crln", ["method.positive_supervision=false"], []),
+    # Neither component: mean teacher plus the DIM and its relation loss on labelled crops.
+    "crln-dim-only": ("crln", ["method.rectify=false", "method.positive_supervision=false"],
+                      ["--no-rectify"]),
 }
 METHODS = tuple(VARIANTS)
 DEFAULT_METHODS = ("supervised", "mean-teacher", "crln")
@@ -57,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DATA, help="folder with images/ labels/ cases.txt")
     p.add_argument("--labelled", type=int, choices=(8, 16), default=8)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
-                   help="crln-no-rectify / crln-no-ps: crln without one component (ablations)")
+                   help="crln-no-rectify / crln-no-ps / crln-dim-only: crln without one or both "
+                        "components (ablations)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iterations", type=int, default=None, help="default: the preset's")
     p.add_argument("--preset", default="cpu")
