@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor
 
+from crlnseg.nets.checkpointing import checkpointed
+
 if TYPE_CHECKING:
     from crlnseg.nets.heads import ProjectionHead
 
@@ -36,8 +38,6 @@ class NetOutput:
     @staticmethod
     def build(logits: Tensor, feat_quarter: Tensor, feat_half: Tensor, last: Tensor,
               head: ProjectionHead, embed: EmbedMode, checkpoint: bool = False) -> NetOutput:
-        from crlnseg.nets.checkpointing import checkpointed
-
         if embed not in ("dense", "hidden", "none"):
             raise ValueError(f"embed must be dense, hidden or none, got {embed!r}")
         hidden = (checkpointed(head.hidden, head.hidden, last, enabled=checkpoint)
