@@ -45,7 +45,8 @@ def score(run: Path, checkpoint: Path, images: list[Path], labels: Path) -> dict
     c, mu, s = len(predictor.classes), predictor.mu, predictor.settings
 
     def heads(x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+        if predictor.channels_last:  # the layout the predictor put the model in
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         out = predictor.model(x, with_relation=True, embed="none")
         f, m = out.logits.float(), out.relation.float()
         return torch.cat([torch.softmax(f, 1), torch.softmax(rectify(f, m, mu), 1),
