@@ -163,3 +163,60 @@ def test_channels_last_defaults_to_the_cpu_only():
     assert conv.is_contiguous(memory_format=torch.channels_last_3d)
     assert not init_state(off, cpu).student.backbone.enc[1][0].weight.is_contiguous(
         memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("view", ["weak", "strong"])
+def test_mu_is_fitted_on_the_chosen_view(monkeypatch, view):
+    """"weak": the student's detached f(x_l), M(x_l); "strong": the EMA teacher's f and M of a
+    strong view of the labelled crops, whose labels carry the ignore padding of the rescale."""
+    import crlnseg.method.train_step as ts
+
+    settings = tiny(mu_view=view)
+    settings = settings.model_copy(update={"augment": settings.augment.model_copy(
+        update={"rescale": (0.6, 0.6)})})  # zoom out: the view is padded with ignore labels
+    state = init_state(settings, torch.device("cpu"))
+    with torch.no_grad():  # a teacher unlike the student, so the two sources differ
+        for p in state.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher_before = copy.deepcopy(state.teacher)
+    seen: dict = {}
+    real_view, real_step = ts.mu_view, ts._mu_step
+
+    def spy_view(*args, **kwargs):
+        seen["view"] = real_view(*args, **kwargs)
+        return seen["view"]
+
+    def spy_step(state_, f, m, y):
+        seen["step"] = (f, m, y)
+        return real_step(state_, f, m, y)
+
+    monkeypatch.setattr(ts, "mu_view", spy_view)
+    monkeypatch.setattr(ts, "_mu_step", spy_step)
+    b = batch()
+    record = train_step(state, b, settings, torch.Generator().manual_seed(0), total_iterations=10)
+    f, m, y = seen["step"]
+    assert record.loss_mu is not None and not f.requires_grad and not m.requires_grad
+    if view == "weak":
+        assert "view" not in seen
+        assert int((y == -1).sum()) == 0  # the training view's labels, unpadded
+        return
+    x_mu, y_mu = seen["view"]
+    assert torch.equal(y, y_mu) and int((y == -1).sum()) > 0
+    assert set(torch.unique(y).tolist()) <= {-1, 0, 1, 2}
+    with torch.no_grad():
+        out = teacher_before(x_mu, with_relation=True, embed="none")
+    torch.testing.assert_close(f, out.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m, out.relation, rtol=1e-4, atol=1e-4)
+
+
+def test_mu_view_strong_is_reproducible_and_moves_mu():
+    settings = tiny(mu_view="strong", mu_lr=0.5)
+    mus = []
+    for _ in range(2):
+        state = init_state(settings, torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        records = [train_step(state, batch(i), settings, g, total_iterations=10)
+                   for i in range(3)]
+        mus.append([r.mu for r in records])
+    assert mus[0] == mus[1]
+    assert any(mu != 0.0 for mu in mus[0])

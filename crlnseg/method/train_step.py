@@ -6,11 +6,14 @@
     x_s, yhat_s, c_s <- strong view of (x_u, yhat, c)
     L = w_sup seg(f(x_l), y) + w_rel seg(M(x_l), y) + w_unsup L_unsup + w_cps L_cps
     student step on L; teacher <- EMA(student)
-    mu step on 0.5 seg(f(x_l) + (1 - mu) M(x_l), y), inputs detached, then mu clamped to [0, 1]
+    mu step on 0.5 seg(f + (1 - mu) M, y) of a labelled view, inputs detached, mu clamped to [0, 1]
 Switches (settings.method): "supervised" (first term only), "mean-teacher" (no DIM, no
 rectification, no positive supervision), "crln" with ``rectify`` / ``positive_supervision``.
-Departure from the reference: the mu step reuses the detached f(x_l), M(x_l) of this iteration's
-student forward instead of a second forward after the student step (one forward less).
+Departures from the reference (``method.mu_view``): "weak" reuses the detached f(x_l), M(x_l) of
+this iteration's student forward (the reference runs a second forward after the student step);
+"strong" (default) fits mu on the EMA teacher's f and M of a strong view of the labelled crops,
+batched with the teacher's pass over x_u. On the training view M fits the few labelled scans
+more closely than it generalises, so mu learned there trusts M too much (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -149,19 +152,40 @@ def _to(x: Tensor, device: torch.device, settings: RunSettings) -> Tensor:
 
 
 @torch.no_grad()
-def teacher_pseudo_labels(state: TrainState, x_u: Tensor, rectifying: bool, settings: RunSettings
-                          ) -> tuple[Tensor, Tensor, float, float | None]:
-    """(yhat, confidence, share confident before, after rectification) from the weak view."""
+def teacher_pseudo_labels(state: TrainState, x_u: Tensor, rectifying: bool, settings: RunSettings,
+                          x_mu: Tensor | None = None
+                          ) -> tuple[Tensor, Tensor, float, float | None, Tensor | None,
+                                     Tensor | None]:
+    """(yhat, confidence, share confident before, after rectification) from the weak view x_u,
+    and the teacher's detached f, M of ``x_mu`` (the mu view) when given, from the same pass."""
     thr = settings.method.confidence_threshold
+    n_u = x_u.shape[0]
+    x = x_u if x_mu is None else torch.cat([x_u, x_mu])
     with autocast(settings, x_u.device):
-        out = state.teacher(x_u, with_relation=rectifying, embed="none")
-    label, conf = pseudo_labels(out.logits)
+        out = state.teacher(x, with_relation=rectifying or x_mu is not None, embed="none")
+    f_mu = m_mu = None
+    if x_mu is not None:
+        f_mu, m_mu = out.logits[n_u:].float(), out.relation[n_u:].float()
+    logits = out.logits[:n_u]
+    relation = None if out.relation is None else out.relation[:n_u]
+    label, conf = pseudo_labels(logits)
     raw, rectified = confident_share(conf, thr), None
-    if rectifying and out.relation is not None:
+    if rectifying and relation is not None:
         mu = state.student.mu.detach()  # the mu being learned, not its EMA
-        label, conf = pseudo_labels(rectify(out.logits.float(), out.relation.float(), mu))
+        label, conf = pseudo_labels(rectify(logits.float(), relation.float(), mu))
         rectified = confident_share(conf, thr)
-    return label, conf, raw, rectified
+    return label, conf, raw, rectified, f_mu, m_mu
+
+
+def mu_view(x_l: Tensor, y_l: Tensor, settings: RunSettings, generator: torch.Generator
+            ) -> tuple[Tensor, Tensor]:
+    """The strong view (in-plane rescale, CutMix, intensity, noise, rot/flip) of the labelled
+    crops and labels that mu is fitted on (``method.mu_view = "strong"``)."""
+    params = draw_strong_params(x_l.shape[0], generator, settings.augment,
+                                x_l.shape[2] == x_l.shape[3])
+    ones = torch.ones(y_l.shape, dtype=torch.float32, device=y_l.device)
+    x, y, _ = apply_strong(x_l, y_l, ones, params)
+    return x, y.long()
 
 
 def student_losses(state: TrainState, x_l: Tensor, y_l: Tensor, x_s: Tensor | None,
@@ -250,9 +274,14 @@ def train_step(state: TrainState, batch: Batch, settings: RunSettings,
     x_l, y_l, x_u = _views(batch, settings, generator, device)
     x_s = y_s = c_s = None
     raw = rectified = None
+    x_mu = y_mu = f_mu = m_mu = None
+    fit_mu = state.mu_optimizer is not None and state.student.has_relation
+    if fit_mu and m.mu_view == "strong" and x_u is not None:
+        x_mu, y_mu = mu_view(x_l, y_l, settings, generator)
+        x_mu = _to(x_mu, device, settings)
     if x_u is not None:
-        label, conf, raw, rectified = teacher_pseudo_labels(state, _to(x_u, device, settings),
-                                                            rectifying, settings)
+        label, conf, raw, rectified, f_mu, m_mu = teacher_pseudo_labels(
+            state, _to(x_u, device, settings), rectifying, settings, x_mu)
         x_s, y_s, c_s = apply_strong(x_u, label, conf, draw_strong_params(
             x_u.shape[0], generator, settings.augment, x_u.shape[2] == x_u.shape[3]))
         x_s = _to(x_s, device, settings)
@@ -264,7 +293,9 @@ def train_step(state: TrainState, batch: Batch, settings: RunSettings,
     loss = sum(weights[k] * v for k, v in terms.items())
     _optimise(state, loss)
     ema_update(state.teacher, state.student, ema_decay(state.iteration, m.ema_decay))
-    loss_mu = _mu_step(state, f_l, m_l, y_l) if m_l is not None and state.mu_optimizer else None
+    if f_mu is None:  # mu_view "weak", or no unlabelled crops: the student's training view
+        f_mu, m_mu, y_mu = f_l, m_l, y_l
+    loss_mu = _mu_step(state, f_mu, m_mu, y_mu) if fit_mu and m_mu is not None else None
     state.iteration += 1
     value = {k: float(v.detach()) for k, v in terms.items()}
     return StepRecord(
