@@ -161,7 +161,8 @@ class RunSettings(Strict):
 class PredictSettings(Strict):
     """Sliding-window inference (``crlnseg predict`` and ``crlnseg rectify``)."""
 
-    mode: Literal["gaussian", "uniform"] = Field("gaussian", description="patch blending: Gaussian importance (sigma = patch/8) or uniform average")
+    mode: Literal["gaussian", "uniform"] = Field("gaussian", description="patch blending: Gaussian importance (sigma = sigma_scale * patch) or uniform average")
+    sigma_scale: float = Field(1 / 3, gt=0, description="Gaussian sigma as a share of the patch side (nnU-Net and MONAI: 1/8; 1/3 chosen on LA, benchmarks/RESULTS.md 'blending')")
     overlap: float = Field(0.5, ge=0, lt=1, description="overlap between neighbouring patches (share of the patch) when no stride is given")
     stride: IntTriple | None = Field(None, description="explicit patch stride X Y Z in voxels (literature LA protocol: 18 18 4); overrides overlap")
     patch: IntTriple | None = Field(None, description="patch size X Y Z; None uses the training patch of the run")

@@ -158,6 +158,22 @@ def test_bad_checkpoints_exit_2(tmp_path, tiny_run):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_sigma_option_reaches_the_predictor_and_is_validated(tmp_path, tiny_run):
+    from crlnseg.cli.predict import predict_settings
+
+    assert PredictSettings().sigma_scale == pytest.approx(1 / 3)
+    assert predict_settings(0.5, None, None, 2, False, "cpu", True, 0.125).sigma_scale == 0.125
+    src = write_nifti(tmp_path / "scan.nii.gz", blob_image()[0])
+    _fails(["predict", str(src), "-o", str(tmp_path / "m.nii.gz"), "-m", str(tiny_run),
+            "--device", "cpu", "--sigma", "0"], "--sigma")
+    assert not (tmp_path / "m.nii.gz").exists()
+    volume, _ = blob_volume((23, 17, 11), seed=1)
+    narrow, wide = (stand_in_predictor(sigma_scale=s, overlap=0.5)
+                    .predict_volume(volume, save_probabilities=True).probabilities
+                    for s in (0.125, 0.25))
+    assert not np.allclose(narrow, wide)
+
+
 def test_bad_images_exit_2(tmp_path, tiny_run):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"this is not a NIfTI file")

@@ -82,6 +82,26 @@ def test_gaussian_map_is_centred_positive_and_separable():
     assert float(weight[8 + 2, 6, 4]) == pytest.approx(np.exp(-0.5), rel=1e-5)
 
 
+def test_sigma_scale_widens_the_map_and_flattens_the_blend():
+    wide = gaussian_importance_map((16, 12, 8), 0.25)
+    # sigma = size / 4: two voxels of a 16-voxel side from the centre is half a sigma.
+    assert float(wide[8 + 2, 6, 4]) == pytest.approx(np.exp(-0.125), rel=1e-5)
+    assert float(wide.min()) > float(gaussian_importance_map((16, 12, 8)).min())
+    image = torch.zeros((1, 24, 8, 8))
+
+    def blend(sigma: float) -> float:
+        calls = iter(range(100))
+
+        def disagree(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.full_like(q, float(next(calls))) for q in x])
+
+        out = sliding_window(image, disagree, (16, 8, 8), 1, overlap=0.5, sigma_scale=sigma)
+        return float(out[0, 10, 0, 0])
+
+    # Nearer the first patch's centre: a wider Gaussian gives the second patch more say.
+    assert blend(1 / 8) < blend(1 / 4) < blend(1 / 2) < 0.5
+
+
 def test_gaussian_blending_differs_from_uniform_where_patches_disagree():
     image = torch.zeros((1, 24, 8, 8))
     calls = iter(range(100))

@@ -21,7 +21,7 @@ HELP = "\n\n".join([
 
 def predict_settings(overlap: float, stride: tuple[int, int, int] | None, blend: str | None,
                      batch_size: int, tta: bool, device: str, amp: bool,
-                     **extra: Any):  # -> PredictSettings
+                     sigma: float | None = None, **extra: Any):  # -> PredictSettings
     """Options -> PredictSettings; an explicit --stride means uniform blending unless --blend."""
     from pydantic import ValidationError
 
@@ -29,12 +29,15 @@ def predict_settings(overlap: float, stride: tuple[int, int, int] | None, blend:
     from crlnseg.settings import PredictSettings
 
     mode = blend or ("uniform" if stride else "gaussian")
+    if sigma is not None:
+        extra["sigma_scale"] = sigma
     try:
         return PredictSettings(overlap=overlap, stride=stride, mode=mode, batch_size=batch_size,
                                tta=tta, device=device, amp=amp, **extra)
     except ValidationError as err:
         first = err.errors()[0]
-        raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        option = {"sigma_scale": "sigma"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise ConfigError(f"--{option.replace('_', '-')}: {first['msg']}") from None
 
 
 # Options shared with `crlnseg rectify`.
@@ -45,6 +48,8 @@ TTA = typer.Option(False, "--tta", help="Average the softmax over the 8 flips of
 OVERLAP = typer.Option(0.5, "--overlap", help="Patch overlap (Gaussian blending).")
 STRIDE = typer.Option(None, "--stride", help="Explicit stride X Y Z in voxels, uniform "
                       "blending (literature LA protocol: 18 18 4).")
+SIGMA = typer.Option(None, "--sigma", help="Gaussian sigma as a share of the patch side "
+                     "(default 1/3; nnU-Net's is 1/8 = 0.125).")
 BLEND = typer.Option(None, "--blend", help="gaussian or uniform (default: gaussian; uniform "
                      "with --stride).")
 BATCH = typer.Option(2, "--batch-size", help="Patches per forward pass.")
@@ -60,7 +65,7 @@ def register(app: typer.Typer) -> None:
                                             "case, or a folder of cases."),
         output: Path = typer.Option(..., "-o", "--output", help="Mask file or output folder."),
         model: Path = MODEL, checkpoint: str = CHECKPOINT, device: str = DEVICE,
-        tta: bool = TTA, overlap: float = OVERLAP,
+        tta: bool = TTA, overlap: float = OVERLAP, sigma: float = SIGMA,
         stride: tuple[int, int, int] = STRIDE, blend: str = BLEND, batch_size: int = BATCH,
         save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write "
                                                 "<ID>_probabilities.npz (float16, C X Y Z)."),
@@ -71,7 +76,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from crlnseg.predict import predict_paths
 
-        settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp,
+        settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp, sigma,
                                     keep_largest=keep_largest, rectify=not no_rectify)
         predict_paths(inputs, output, model, settings, which=checkpoint,
                       probabilities=save_probabilities, overwrite=overwrite)

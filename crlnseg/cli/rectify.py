@@ -16,6 +16,7 @@ from crlnseg.cli.predict import (
     MODEL,
     OVERLAP,
     OVERWRITE,
+    SIGMA,
     STRIDE,
     TTA,
     predict_settings,
@@ -44,12 +45,12 @@ def register(app: typer.Typer) -> None:
         threshold: float = typer.Option(0.97, "--threshold", min=0.0, max=1.0,
                                         help="Confidence of a reliable voxel."),
         preview: bool = typer.Option(False, "--preview", help="Write preview/<ID>.png."),
-        device: str = DEVICE, tta: bool = TTA, overlap: float = OVERLAP,
+        device: str = DEVICE, tta: bool = TTA, overlap: float = OVERLAP, sigma: float = SIGMA,
         stride: tuple[int, int, int] = STRIDE, blend: str = BLEND, batch_size: int = BATCH,
         amp: bool = AMP, overwrite: bool = OVERWRITE,
     ) -> None:
         from crlnseg.rectify import rectify_paths
 
-        settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp)
+        settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp, sigma)
         rectify_paths(images, out, model, settings, which=checkpoint, labels=labels,
                       threshold=threshold, preview=preview, overwrite=overwrite)

@@ -146,7 +146,8 @@ class Predictor:
         k = len(self.classes) * (2 if heads == "both" else 1)
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         blend = dict(patch=self.patch, out_channels=k, blend=s.mode, overlap=s.overlap,
-                     stride=s.stride, batch_size=s.batch_size, device=self.device,
+                     stride=s.stride, batch_size=s.batch_size, sigma_scale=s.sigma_scale,
+                     device=self.device,
                      progress=_progress(description))
         with torch.inference_mode():
             try:

@@ -5,9 +5,10 @@ the per-patch outputs (probabilities: the caller applies softmax per patch) are 
 
     P(v) = sum_k w_k(v) * p_k(v) / sum_k w_k(v)
 
-with ``w`` a Gaussian importance map centred on the patch (nnU-Net: sigma = patch / 8, so the
-less reliable patch borders count less) or ``w = 1`` (uniform: the literature's protocol, e.g.
-LA stride 18 x 18 x 4, which averages the softmax of every patch).
+with ``w`` a Gaussian importance map centred on the patch (sigma = ``sigma_scale`` * patch, so
+the less reliable patch borders count less; nnU-Net uses 1/8, crlnseg's predictor 1/3) or
+``w = 1`` (uniform: the literature's protocol, e.g. LA stride 18 x 18 x 4, which averages the
+softmax of every patch).
 
 Memory: one ``(K, X, Y, Z)`` float32 accumulator and one ``(X, Y, Z)`` float32 weight map, on
 ``buffer_device``; the division happens in place, so the result *is* the accumulator. Volumes
@@ -97,6 +98,7 @@ def _batches(origins: list[Triple], size: int) -> Iterator[list[Triple]]:
 def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
                    out_channels: int, blend: Blend = "gaussian", overlap: float = 0.5,
                    stride: Sequence[int] | None = None, batch_size: int = 1,
+                   sigma_scale: float = 1.0 / 8.0,
                    device: torch.device | str = "cpu",
                    buffer_device: torch.device | str | None = None,
                    progress: Callable[[Iterator[list[Triple]], int], Iterator[list[Triple]]]
@@ -115,7 +117,7 @@ def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
     acc = torch.zeros((out_channels, *shape), dtype=torch.float32, device=buffer_device)
     weights = torch.zeros(tuple(shape), dtype=torch.float32, device=buffer_device)
     if blend == "gaussian":
-        weight = gaussian_importance_map(patch).to(buffer_device)
+        weight = gaussian_importance_map(patch, sigma_scale).to(buffer_device)
     else:
         weight = torch.ones(patch, dtype=torch.float32, device=buffer_device)
     batches: Iterator[list[Triple]] = _batches(origins, max(1, batch_size))
