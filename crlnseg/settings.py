@@ -92,7 +92,7 @@ class MethodSettings(Strict):
     w_unsup: float = Field(0.5, ge=0, description="weight of the pseudo-label loss L_unsup")
     w_cps: float = Field(0.5, ge=0, description="weight of the positive-supervision loss")
     mu_lr: float = Field(2.5e-3, gt=0, description="learning rate of mu's own optimiser")
-    mu_view: Literal["weak", "strong"] = Field("strong", description="labelled view mu is fitted on: 'strong' = the EMA teacher's f and M on a strong view of the labelled crops (generalises as on unlabelled scans); 'weak' = the student's f and M on the training view (paper, reference)")
+    mu_view: Literal["weak", "strong"] = Field("weak", description="labelled view mu is fitted on: 'weak' = the student's f and M of the training view (paper, reference); 'strong' = the EMA teacher's f and M of a strong view of the labelled crops: more accurate rectified pseudo-labels, weaker student on LA (benchmarks/RESULTS.md 'mu')")
 
 
 class AugmentSettings(Strict):
@@ -192,7 +192,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"model": {"base_filters": 8, "prototypes_per_class": 8, "prototype_dim": 32},
             "train": {"patch": (64, 64, 32), "iterations": 1000, "num_workers": 1,
                       "checkpoint_every": 250, "val_every": 250, "log_every": 10},
-            # mu_lr x4: mu's SGD time constant (1 / (lr_eff * curvature) ~ 400 iterations at
-            # 2.5e-3) must fit a 1000-iteration run (benchmarks/RESULTS.md, "mu").
-            "method": {"warmup_fraction": 0.1, "mu_lr": 1e-2}},
+            "method": {"warmup_fraction": 0.1}},
 }

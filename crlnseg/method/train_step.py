@@ -9,11 +9,13 @@
     mu step on 0.5 seg(f + (1 - mu) M, y) of a labelled view, inputs detached, mu clamped to [0, 1]
 Switches (settings.method): "supervised" (first term only), "mean-teacher" (no DIM, no
 rectification, no positive supervision), "crln" with ``rectify`` / ``positive_supervision``.
-Departures from the reference (``method.mu_view``): "weak" reuses the detached f(x_l), M(x_l) of
-this iteration's student forward (the reference runs a second forward after the student step);
-"strong" (default) fits mu on the EMA teacher's f and M of a strong view of the labelled crops,
-batched with the teacher's pass over x_u. On the training view M fits the few labelled scans
-more closely than it generalises, so mu learned there trusts M too much (benchmarks/RESULTS.md).
+The mu view (``method.mu_view``): "weak" (default) reuses the detached f(x_l), M(x_l) of this
+iteration's student forward (departure: the reference runs a second forward after the student
+step). "strong" (crlnseg's option) fits mu on the EMA teacher's f and M of a strong view of the
+labelled crops, batched with the teacher's pass over x_u: on the training view M fits the few
+labelled scans more closely than it generalises, so mu learned there trusts M more than the
+unlabelled scans warrant. On LA "strong" makes rectified pseudo-labels more accurate than raw
+ones but less confident, and the student learns less from them (benchmarks/RESULTS.md, "mu").
 """
 
 from __future__ import annotations
