@@ -5,9 +5,8 @@ iteration(s) and reads the peak (process RSS on the CPU, a running maximum; CUDA
 a GPU). Time: one more subprocess per crop size alternates the timed iterations between the
 methods, so a noisy shared machine slows all alike and the ratio of medians is fair. Suffixes
 switch options per method: ``+ckpt`` (``train.activation_checkpointing``), ``+cl`` / ``+ncdhw``
-(``train.channels_last`` true / false; unset: channels-last on the CPU), ``+weakmu``
-(``method.mu_view = "weak"``: mu fitted on the student's training view, no extra teacher crops),
-e.g. ``crln+ckpt+ncdhw``.
+(``train.channels_last`` true / false; unset: channels-last on the CPU), ``+strongmu`` / ``+weakmu``
+(``method.mu_view``; unset: the default, "weak"), e.g. ``crln+ckpt+ncdhw``.
 Like ``crlnseg train`` on the CPU, a worker whose methods all checkpoint fixes glibc's mmap
 threshold (:mod:`crlnseg.allocator`); the mixed timing process does not, unless
 ``CRLNSEG_GLIBC_MMAP=1`` (``=0``: never).
@@ -46,7 +45,8 @@ def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
                   "prototype_dim": args.prototype_dim},
         # warm-up 0: every timed iteration rectifies, the full CRLN path.
         "method": {"method": method, "warmup_fraction": 0.0,
-                   "mu_view": "weak" if "weakmu" in flags else "strong"},
+                   **({"mu_view": "strong"} if "strongmu" in flags else
+                      {"mu_view": "weak"} if "weakmu" in flags else {})},
         "train": {"patch": size, "amp": args.amp,
                   "channels_last": True if args.channels_last or "cl" in flags
                   else False if "ncdhw" in flags else None,
