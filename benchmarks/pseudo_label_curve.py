@@ -28,7 +28,8 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def score(run: Path, checkpoint: Path, images: list[Path], labels: Path) -> dict:
+def score(run: Path, checkpoint: Path, images: list[Path], labels: Path,
+          sigma: float | None = None) -> dict:
     """Mean Dice over ``images`` of argmax softmax(f) (raw), softmax(f + (1 - mu) M) (rectified,
     as ``crlnseg rectify`` computes them) and softmax(M) alone, from one sliding-window pass."""
     import torch
@@ -41,7 +42,8 @@ def score(run: Path, checkpoint: Path, images: list[Path], labels: Path) -> dict
     from crlnseg.rectify import find_label, mean_dice
     from crlnseg.settings import PredictSettings
 
-    predictor = Predictor.from_run(run, str(checkpoint), PredictSettings(device="cpu"))
+    extra = {} if sigma is None else {"sigma_scale": sigma}
+    predictor = Predictor.from_run(run, str(checkpoint), PredictSettings(device="cpu", **extra))
     c, mu, s = len(predictor.classes), predictor.mu, predictor.settings
 
     def heads(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,8 @@ def score(run: Path, checkpoint: Path, images: list[Path], labels: Path) -> dict
         image = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
         with torch.inference_mode():
             probs = sliding_window(image, heads, predictor.patch, 3 * c, blend=s.mode,
-                                   overlap=s.overlap, stride=s.stride, batch_size=s.batch_size)
+                                   overlap=s.overlap, stride=s.stride, batch_size=s.batch_size,
+                                   sigma_scale=s.sigma_scale)
         probs = restore(probs.numpy(), case.info, probabilities=True)
         for i, name in enumerate(dice):
             dice[name].append(mean_dice(probs[i * c:(i + 1) * c].argmax(0), label, c))
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=1, help="score every k-th case (sorted by name)")
     p.add_argument("--iterations", type=int, nargs="+", default=None,
                    help="only these checkpoints (default: every iter_<N>.pt)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="Gaussian sigma (default: crlnseg's; RESULTS.md's curves used 0.125)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     images = sorted(q for q in args.images.iterdir() if q.name.endswith((".nii.gz", ".nii")))
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         for iteration, ckpt in checkpoints(run):
             if args.iterations and iteration not in args.iterations:
                 continue
-            r = score(run, ckpt, images, args.labels)
+            r = score(run, ckpt, images, args.labels, args.sigma)
             result[run.name][iteration] = r
             print(f"| {run.name} | {iteration} | {r['mu']:.3f} | {100 * r['dice_raw']:.2f} | "
                   f"{100 * r['dice_rectified']:.2f} | "
