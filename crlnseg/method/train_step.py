@@ -277,7 +277,7 @@ def train_step(state: TrainState, batch: Batch, settings: RunSettings,
     x_s = y_s = c_s = None
     raw = rectified = None
     x_mu = y_mu = f_mu = m_mu = None
-    fit_mu = state.mu_optimizer is not None and state.student.has_relation
+    fit_mu = state.mu_optimizer is not None  # exists only for models with a DIM
     if fit_mu and m.mu_view == "strong" and x_u is not None:
         x_mu, y_mu = mu_view(x_l, y_l, settings, generator)
         x_mu = _to(x_mu, device, settings)
