@@ -34,13 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DATA, help="images/ labels/ cases.txt")
     p.add_argument("--cases", default="64:80", help="slice of cases.txt, e.g. 8:64 or 64:80")
     p.add_argument("--stride", type=int, nargs=3, default=(18, 18, 4))
+    p.add_argument("--flat-z", action="store_true",
+                   help="also Gaussian in-plane weights that are uniform along Z")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
     return p.parse_args(argv)
 
 
-def blend_variants(run: Path, ids: list[str], data: Path, stride: tuple[int, int, int]
-                   ) -> dict[str, dict[str, float]]:
+def blend_variants(run: Path, ids: list[str], data: Path, stride: tuple[int, int, int],
+                   flat_z: bool = False) -> dict[str, dict[str, float]]:
     """Per case: Dice % of each blending variant of the same overlap-0.5 patch outputs."""
     import torch
 
@@ -60,6 +62,10 @@ def blend_variants(run: Path, ids: list[str], data: Path, stride: tuple[int, int
     fn, patch = predictor._patch_fn("rectified"), predictor.patch
     weights = {f"gaussian 1/{round(1 / s)}": gaussian_importance_map(patch, s) for s in SIGMAS}
     weights["uniform"] = torch.ones(patch)
+    if flat_z:  # Gaussian in-plane, uniform along Z (the axis where the dense stride helps most)
+        for sigma in (1 / 3, 1 / 2):
+            plane = gaussian_importance_map((*patch[:2], 1), sigma)
+            weights[f"gaussian 1/{round(1 / sigma)} in-plane, flat Z"] = plane.expand(patch)
     rows: dict[str, dict[str, float]] = {}
     for cid in ids:
         volume = read_case_images([data / "images" / f"{cid}.nii.gz"])
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     first, last = (int(v) for v in args.cases.split(":"))
     ids = (args.data / "cases.txt").read_text().split()[first:last]
-    results = {str(run): blend_variants(run, ids, args.data, tuple(args.stride))
+    results = {str(run): blend_variants(run, ids, args.data, tuple(args.stride), args.flat_z)
                for run in args.runs}
     variants = list(next(iter(next(iter(results.values())).values())))
     ref = variants[-1]
