@@ -40,13 +40,13 @@ def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
     from crlnseg.settings import RunSettings
 
     method, *flags = method.split("+")
+    view = next((v for v in ("strong", "weak") if f"{v}mu" in flags), None)
     return RunSettings.model_validate({
         "model": {"base_filters": args.base_filters, "prototypes_per_class": args.prototypes,
                   "prototype_dim": args.prototype_dim},
         # warm-up 0: every timed iteration rectifies, the full CRLN path.
         "method": {"method": method, "warmup_fraction": 0.0,
-                   **({"mu_view": "strong"} if "strongmu" in flags else
-                      {"mu_view": "weak"} if "weakmu" in flags else {})},
+                   **({"mu_view": view} if view else {})},
         "train": {"patch": size, "amp": args.amp,
                   "channels_last": True if args.channels_last or "cl" in flags
                   else False if "ncdhw" in flags else None,

@@ -36,8 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _case_id(path: Path) -> str:
-    return path.name.split(".")[0].removesuffix("_0000")
+def _label_of(image: Path, labels: Path) -> Path:
+    """The label file of an image file, as ``crlnseg rectify --labels`` finds it."""
+    from crlnseg.io.paths import split_suffix, strip_channel
+    from crlnseg.rectify import find_label
+
+    return find_label(labels, strip_channel(split_suffix(image)[0]))
 
 
 def unlabelled_dice(predictor, data: Path) -> dict[str, float]:
@@ -59,7 +63,7 @@ def unlabelled_dice(predictor, data: Path) -> dict[str, float]:
     scores: dict[str, list[float]] = {k: [] for k in names}
     for path in sorted((data / "unlabelled" / "images").iterdir()):
         volume = read_case_images([path])
-        label = read_label(data / "unlabelled_truth" / "labels" / f"{_case_id(path)}.nii.gz",
+        label = read_label(_label_of(path, data / "unlabelled_truth" / "labels"),
                            reference=volume).array
         case = preprocess(volume, None, predictor.prepare)
         x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
@@ -86,8 +90,7 @@ def labelled_losses(predictor, data: Path, crops: int) -> dict[str, dict[str, fl
     pairs = []
     for path in sorted((data / "labelled" / "images").iterdir()):
         volume = read_case_images([path])
-        label = read_label(data / "labelled" / "labels" / f"{_case_id(path)}.nii.gz",
-                           reference=volume)
+        label = read_label(_label_of(path, data / "labelled" / "labels"), reference=volume)
         case = preprocess(volume, label, predictor.prepare)
         x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
         y = torch.from_numpy(np.asarray(case.label).astype(np.int64))
