@@ -1,0 +1,40 @@
+"""The prepared GPU script must run the first time a session is lent a GPU (15 minutes in all),
+so its CPU smoke mode runs here: every step, the same code paths, tiny sizes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.md").read_text()
+    for step in ("iteration_cpu", "throughput_cpu", "predict_cpu"):
+        assert f"## {step}: rc 0" in summary
+        assert (out / f"{step}.log").is_file()
+    result = json.loads((out / "predict_cpu.json").read_text())
+    assert sorted(result["seconds"]) == sorted([
+        "gaussian overlap 0.5, fp32", "uniform stride 8 8 4, fp32",
+        "gaussian overlap 0.5, amp", "uniform stride 8 8 4, amp"])
+    for per_case in result["seconds"].values():
+        assert sorted(per_case) == ["40x36x36", "44x40x33"]
+        assert all(len(v) == 1 and v[0] > 0 for v in per_case.values())
+    assert "| crln |" in summary and '"overhead"' in summary
+
+
+def test_gpu_check_budget_skips_steps_it_cannot_start(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out),
+                           "--budget", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    summary = (out / "summary.md").read_text()
+    assert summary.count("skipped, the budget is spent") == 3
