@@ -1,8 +1,9 @@
 """Validation during training (``--val``): sliding-window Dice of the EMA teacher.
 
 Each validation case is predicted with the rectified output softmax(f + (1 - mu) M) of the teacher
-(what inference uses), blended over overlapping patches of the training size, on the prepared
-grid; Dice is the mean over foreground classes (medpy's definition, :func:`crlnseg.metrics.dice`).
+(what inference uses), blended over overlapping patches of the training size as ``crlnseg predict``
+blends them (:func:`blending`), on the prepared grid; Dice is the mean over foreground classes
+(medpy's definition, :func:`crlnseg.metrics.dice`).
 With several processes each rank predicts its share of the cases and the results are gathered.
 Validation data must never be the test set: ``best.pt`` is selected on it.
 """
@@ -15,7 +16,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["case_dice", "validate"]
+__all__ = ["blending", "case_dice", "validate"]
+
+
+def blending(stride: tuple[int, int, int] | None) -> dict[str, Any]:
+    """Sliding-window blending as ``crlnseg predict`` does it by default, so that validation Dice
+    (and ``best.pt``) reflect what users get from the run: Gaussian at overlap 0.5 with predict's
+    sigma, or, with an explicit stride, uniform averaging (the literature's protocol)."""
+    from crlnseg.settings import PredictSettings
+
+    if stride is not None:
+        return {"blend": "uniform", "stride": tuple(stride)}
+    defaults = PredictSettings()
+    return {"blend": "gaussian", "overlap": defaults.overlap, "sigma_scale": defaults.sigma_scale}
 
 
 def case_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
@@ -44,8 +57,8 @@ def validate(model: Any, manifest: Any, settings: Any, device: torch.device, ran
     mine: dict[str, float] = {}
     for case in manifest.cases[rank::world_size]:
         image = torch.from_numpy(np.array(manifest.image(case.id, mmap=True)))  # writable copy
-        out = sliding_window(image, probs, settings.train.patch, classes, blend="gaussian",
-                             overlap=0.5, stride=settings.train.val_stride,
+        out = sliding_window(image, probs, settings.train.patch, classes,
+                             **blending(settings.train.val_stride),
                              batch_size=settings.train.batch_labelled, device=device,
                              buffer_device="cpu")
         pred = out.argmax(0).numpy()
