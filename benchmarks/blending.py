@@ -36,17 +36,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, nargs=3, default=(18, 18, 4))
     p.add_argument("--flat-z", action="store_true",
                    help="also Gaussian in-plane weights that are uniform along Z")
+    p.add_argument("--keep-largest", action="store_true",
+                   help="score every variant after keeping the largest connected component of "
+                   "each class (crlnseg predict --keep-largest)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
     return p.parse_args(argv)
 
 
 def blend_variants(run: Path, ids: list[str], data: Path, stride: tuple[int, int, int],
-                   flat_z: bool = False) -> dict[str, dict[str, float]]:
+                   flat_z: bool = False, keep_largest: bool = False) -> dict[str, dict[str, float]]:
     """Per case: Dice % of each blending variant of the same overlap-0.5 patch outputs."""
     import torch
 
     from crlnseg.data.preprocessing import preprocess
+    from crlnseg.inference.postprocess import keep_largest_component
     from crlnseg.inference.predictor import Predictor
     from crlnseg.inference.sliding_window import (
         gaussian_importance_map,
@@ -66,6 +70,12 @@ def blend_variants(run: Path, ids: list[str], data: Path, stride: tuple[int, int
         for sigma in (1 / 3, 1 / 2):
             plane = gaussian_importance_map((*patch[:2], 1), sigma)
             weights[f"gaussian 1/{round(1 / sigma)} in-plane, flat Z"] = plane.expand(patch)
+    def score(probs: torch.Tensor, label: np.ndarray) -> float:
+        mask = probs.argmax(0).numpy().astype(np.uint8)
+        if keep_largest:
+            mask = keep_largest_component(mask, list(range(1, probs.shape[0])))
+        return 100 * dice(mask, label)
+
     rows: dict[str, dict[str, float]] = {}
     for cid in ids:
         volume = read_case_images([data / "images" / f"{cid}.nii.gz"])
@@ -89,11 +99,10 @@ def blend_variants(run: Path, ids: list[str], data: Path, stride: tuple[int, int
                     acc[(slice(None), *box)] += o * w
                     total[box] += w
                 blended = (acc / total)[(slice(None), *crop)]
-                row[f"{name}, overlap 0.5"] = 100 * dice(blended.argmax(0).numpy(), label)
+                row[f"{name}, overlap 0.5"] = score(blended, label)
             ref = sliding_window(x, fn, patch, outputs[0].shape[0], blend="uniform",
                                  stride=stride, batch_size=2)
-            row[f"uniform, stride {' '.join(map(str, stride))}"] = 100 * dice(
-                ref.argmax(0).numpy(), label)
+            row[f"uniform, stride {' '.join(map(str, stride))}"] = score(ref, label)
         rows[cid] = row
         print(run.name, cid, {k.split(",")[0]: round(v, 1) for k, v in row.items()},
               file=sys.stderr, flush=True)
@@ -107,23 +116,38 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     first, last = (int(v) for v in args.cases.split(":"))
     ids = (args.data / "cases.txt").read_text().split()[first:last]
-    results = {str(run): blend_variants(run, ids, args.data, tuple(args.stride), args.flat_z)
-               for run in args.runs}
+    results = {str(run): blend_variants(run, ids, args.data, tuple(args.stride), args.flat_z,
+                                        args.keep_largest) for run in args.runs}
     variants = list(next(iter(next(iter(results.values())).values())))
     ref = variants[-1]
     means = {run: {v: float(np.mean([r[v] for r in rows.values()])) for v in variants}
              for run, rows in results.items()}
-    print(f"Dice % over cases {args.cases} of cases.txt ({len(ids)} cases)\n")
-    print("| variant | " + " | ".join(Path(r).name for r in results) + " | mean | vs reference |")
-    print("|---|" + "---|" * (len(results) + 2))
+    post = ", largest component kept" if args.keep_largest else ""
+    print(f"Dice % over cases {args.cases} of cases.txt ({len(ids)} cases){post}\n")
+    print("| variant | " + " | ".join(Path(r).name for r in results)
+          + " | mean | vs reference | 95 % interval over cases |")
+    print("|---|" + "---|" * (len(results) + 3))
     for v in variants:
         per_run = [means[r][v] for r in results]
         gap = np.mean(per_run) - np.mean([means[r][ref] for r in results])
+        low, high = case_interval(results, v, ref)
         print(f"| {v} | " + " | ".join(f"{d:.2f}" for d in per_run)
-              + f" | {np.mean(per_run):.2f} | {gap:+.2f} |")
+              + f" | {np.mean(per_run):.2f} | {gap:+.2f} | {low:+.2f} to {high:+.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"cases": ids, "means": means, "per_case": results},
-                                        indent=1))
+        args.json.write_text(json.dumps({"cases": ids, "keep_largest": args.keep_largest,
+                                         "means": means, "per_case": results}, indent=1))
+
+
+def case_interval(results: dict[str, dict[str, dict[str, float]]], variant: str, ref: str,
+                  draws: int = 10000) -> tuple[float, float]:
+    """95 % bootstrap interval of the mean difference variant - ref, resampling cases (each
+    case's difference averaged over the runs first: the cases, not the runs, are the sample)."""
+    cases = list(next(iter(results.values())))
+    diff = np.array([np.mean([rows[c][variant] - rows[c][ref] for rows in results.values()])
+                     for c in cases])
+    rng = np.random.default_rng(0)
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an extra uniform row, e.g. 9 9 2 (18 18 4 at half resolution)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--keep-largest", action="store_true",
+                   help="every protocol keeps the largest connected component of each class "
+                   "(crlnseg predict --keep-largest; the literature's optional LA "
+                   "post-processing)")
     p.add_argument("--memory-shape", type=int, nargs=3, default=(512, 512, 300),
                    help="0 0 0 skips the memory test")
     p.add_argument("--memory-overlap", type=float, default=0.5)
@@ -86,10 +90,11 @@ def compare_protocols(args: argparse.Namespace) -> dict:
     def uniform(stride) -> tuple[str, PredictSettings]:
         return (f"uniform stride {' '.join(map(str, stride))}",
                 PredictSettings(mode="uniform", stride=tuple(stride), batch_size=args.batch_size,
-                                device="cpu"))
+                                device="cpu", keep_largest=args.keep_largest))
 
     protocols = dict([(f"gaussian overlap {args.overlap:g}", PredictSettings(
-        mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu")),
+        mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu",
+        keep_largest=args.keep_largest)),
         uniform(args.stride)] + ([uniform(args.scaled_stride)] if args.scaled_stride else []))
     predictors = {k: Predictor.from_run(args.model, "last", s) for k, s in protocols.items()}
     ids = (args.data / "cases.txt").read_text().split()[64:64 + args.cases]
@@ -110,7 +115,8 @@ def compare_protocols(args: argparse.Namespace) -> dict:
                 padded.shape[1:], p.patch, p.settings.overlap, p.settings.stride)))
         print(cid, {k: round(v["seconds"][-1], 2) for k, v in rows.items()}, file=sys.stderr)
     patch = next(iter(predictors.values())).patch
-    return {"cases": ids, "patch": list(patch), "protocols": rows}
+    return {"cases": ids, "patch": list(patch), "keep_largest": args.keep_largest,
+            "protocols": rows}
 
 
 def time_full_resolution(args: argparse.Namespace, h5_root: Path) -> dict:
@@ -219,7 +225,8 @@ def report(result: dict) -> None:
         base = next(k for k in rows if k.startswith("uniform"))
         t0 = float(np.mean(rows[base]["seconds"]))
         d0 = float(np.mean(rows[base]["dice"]))
-        print(f"cases: {', '.join(result['cases'])}; patch {result['patch']}")
+        post = ", largest component kept" if result.get("keep_largest") else ""
+        print(f"cases: {', '.join(result['cases'])}; patch {result['patch']}{post}")
         print("| protocol | patches / case | s / case | time vs stride | Dice (%) | Dice diff |")
         print("|---|---|---|---|---|---|")
         for name, r in rows.items():
