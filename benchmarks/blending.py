@@ -13,6 +13,10 @@ benchmark keeps apart), then report on the validation cases 65-80:
     python benchmarks/blending.py $R/crln_seed0 $R/crln_seed1 $R/crln_seed2 --cases 8:64 \\
         --json /tmp/blend_selection.json
     python benchmarks/blending.py $R/crln_seed0 $R/crln_seed1 $R/crln_seed2 --cases 64:80
+
+``--keep-largest`` scores every variant after keeping the largest connected component of each
+class, as ``crlnseg predict --keep-largest`` does. Each row also gives a 95 % bootstrap interval
+of its difference to the reference over the cases.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def blend_variants(run: Path, ids: list[str], data: Path, stride: tuple[int, int
         for sigma in (1 / 3, 1 / 2):
             plane = gaussian_importance_map((*patch[:2], 1), sigma)
             weights[f"gaussian 1/{round(1 / sigma)} in-plane, flat Z"] = plane.expand(patch)
+
     def score(probs: torch.Tensor, label: np.ndarray) -> float:
         mask = probs.argmax(0).numpy().astype(np.uint8)
         if keep_largest:
