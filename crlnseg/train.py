@@ -55,6 +55,7 @@ class TrainResult:
     stopped_by: int | None = None  # signal number when interrupted
     val_dice: float | None = None
     best_val_dice: float | None = None
+    val_dice_largest: float | None = None  # last validation, largest component kept per class
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -94,11 +95,13 @@ def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> Trai
                 progress.logged(log.flush(done))
             improved = False
             if val_data is not None and (done % t.val_every == 0 or last):
-                dice, per_case = validate(state.teacher, val_data, s, d.device, d.rank,
-                                          d.world_size)
-                log.write({"iteration": done, "val_dice": dice, "val_per_case": per_case})
-                progress.message(f"iteration {done}: validation Dice {dice:.4f}")
-                result.val_dice = dice
+                v = validate(state.teacher, val_data, s, d.device, d.rank, d.world_size)
+                dice = v.dice
+                log.write({"iteration": done, "val_dice": dice,
+                           "val_dice_largest": v.dice_largest, "val_per_case": v.per_case})
+                progress.message(f"iteration {done}: validation Dice {dice:.4f} "
+                                 f"({v.dice_largest:.4f} keeping the largest component)")
+                result.val_dice, result.val_dice_largest = dice, v.dice_largest
                 improved = result.best_val_dice is None or dice > result.best_val_dice
                 result.best_val_dice = max(dice, result.best_val_dice or -math.inf)
             stopped = stop.requested(d)
@@ -235,8 +238,9 @@ def train(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSetti
             raise RunFailure(f"a training process failed: {lines[-1] if lines else err}") from None
     ckpt = load_checkpoint(plan.out / "checkpoints" / "last.pt")
     history = read_metrics(plan.out / "metrics.jsonl")
-    vals = [line["val_dice"] for line in history if "val_dice" in line]
+    vals = [line for line in history if "val_dice" in line]
     return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), settings.train.iterations,
-                       received.signum, vals[-1] if vals else None,
-                       ckpt["meta"].get("best_val_dice"))
+                       received.signum, vals[-1]["val_dice"] if vals else None,
+                       ckpt["meta"].get("best_val_dice"),
+                       vals[-1].get("val_dice_largest") if vals else None)
 

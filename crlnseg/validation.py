@@ -10,13 +10,21 @@ Validation data must never be the test set: ``best.pt`` is selected on it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["blending", "case_dice", "validate"]
+__all__ = ["Validation", "blending", "case_dice", "validate"]
+
+
+class Validation(NamedTuple):
+    dice: float                 # mean Dice over the cases
+    per_case: dict[str, float]  # Dice per case, in the manifest's order
+    # Mean Dice after keeping the largest connected component of each class (`crlnseg predict
+    # --keep-largest`): tells the user whether that post-processing suits their anatomy.
+    dice_largest: float
 
 
 def blending(stride: tuple[int, int, int] | None) -> dict[str, Any]:
@@ -40,8 +48,10 @@ def case_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
 
 @torch.no_grad()
 def validate(model: Any, manifest: Any, settings: Any, device: torch.device, rank: int = 0,
-             world_size: int = 1) -> tuple[float, dict[str, float]]:
-    """(mean Dice over cases, Dice per case) of ``model`` (eval mode) on a prepared manifest."""
+             world_size: int = 1) -> Validation:
+    """Dice of ``model`` (eval mode) on a prepared manifest, with and without keeping the largest
+    component of each class."""
+    from crlnseg.inference.postprocess import keep_largest_component
     from crlnseg.inference.sliding_window import sliding_window
     from crlnseg.method.crln import predict_logits
     from crlnseg.method.train_step import autocast
@@ -54,20 +64,24 @@ def validate(model: Any, manifest: Any, settings: Any, device: torch.device, ran
         with autocast(settings, device):
             return torch.softmax(predict_logits(model, x, rectify=True).float(), dim=1)
 
-    mine: dict[str, float] = {}
+    foreground = list(range(1, classes))
+    mine: dict[str, tuple[float, float]] = {}
     for case in manifest.cases[rank::world_size]:
         image = torch.from_numpy(np.array(manifest.image(case.id, mmap=True)))  # writable copy
         out = sliding_window(image, probs, settings.train.patch, classes,
                              **blending(settings.train.val_stride),
                              batch_size=settings.train.batch_labelled, device=device,
                              buffer_device="cpu")
-        pred = out.argmax(0).numpy()
-        mine[case.id] = case_dice(pred, np.asarray(manifest.label(case.id, mmap=True)), classes)
+        pred = out.argmax(0).numpy().astype(np.uint8)
+        label = np.asarray(manifest.label(case.id, mmap=True))
+        mine[case.id] = (case_dice(pred, label, classes),
+                         case_dice(keep_largest_component(pred, foreground), label, classes))
     model.train(was_training)
-    per_case = dict(mine)
+    both = dict(mine)
     if world_size > 1:
         parts: list[Any] = [None] * world_size
         dist.all_gather_object(parts, mine)
-        per_case = {k: v for part in parts for k, v in part.items()}
-    per_case = {c.id: per_case[c.id] for c in manifest.cases}
-    return float(np.mean(list(per_case.values()))), per_case
+        both = {k: v for part in parts for k, v in part.items()}
+    per_case = {c.id: both[c.id][0] for c in manifest.cases}
+    return Validation(float(np.mean(list(per_case.values()))), per_case,
+                      float(np.mean([both[c.id][1] for c in manifest.cases])))

@@ -57,7 +57,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     raw = {"lab": _write_split(root / "lab", 2, True, 0),
            "unl": _write_split(root / "unl", 2, False, 1),
-           "val": _write_split(root / "val", 1, True, 2)}
+           "val": _write_split(root / "val", 2, True, 2)}
     out = dict(raw)
     for key, folder in raw.items():
         out[f"p{key}"] = root / f"p{key}"
@@ -99,8 +99,10 @@ def test_each_method_trains_through_the_cli(data, tmp_path, method):
     assert not model.training and meta["iteration"] == 2 and meta["classes"] == [0, 1]
     if method == "crln":
         assert (out / "checkpoints/best.pt").is_file()
-        assert 0 <= summary["val_dice"] <= 1
-        assert any("val_dice" in x for x in lines) and steps[-1]["loss_relation"] is not None
+        assert 0 <= summary["val_dice"] <= 1 and 0 <= summary["val_dice_largest"] <= 1
+        val = [x for x in lines if "val_dice" in x]
+        assert val and val[-1]["val_dice_largest"] == summary["val_dice_largest"]
+        assert steps[-1]["loss_relation"] is not None
     else:
         assert not (out / "checkpoints/best.pt").exists() and steps[-1]["loss_relation"] is None
 
@@ -247,8 +249,17 @@ def test_out_of_memory_becomes_a_run_failure():
 def test_two_cpu_processes_leave_identical_weights(data, tmp_path, monkeypatch):
     monkeypatch.setenv("CRLNSEG_DEBUG_RANK_STATE", str(tmp_path))
     out = tmp_path / "run"
-    code, output = _run([*_base(data, out, iterations=2), "--device", "cpu", "--nproc", "2"])
+    code, output = _run([*_base(data, out, iterations=2, val=True), "--device", "cpu",
+                         "--nproc", "2"])
     assert code == 0, output
+    # Validation is split over the ranks and gathered; the parent reads it back from the log.
+    summary = json.loads(output.strip().splitlines()[-1])
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+           if "val_dice" in x][-1]
+    assert sorted(val["val_per_case"]) == sorted(p.stem.removesuffix(".nii")
+                                                 for p in (data["val"] / "images").glob("*"))
+    assert (summary["val_dice"], summary["val_dice_largest"]) == (val["val_dice"],
+                                                                  val["val_dice_largest"])
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for part in ("student", "teacher"):
         for key, value in r0[part].items():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from crlnseg.config import resolve_settings
 from crlnseg.data.manifest import load_manifest
+from crlnseg.inference.postprocess import keep_largest_component
 from crlnseg.inference.predictor import Predictor
 from crlnseg.method.crln import build_model
 from crlnseg.metrics import dice
@@ -36,17 +35,21 @@ def test_validation_dice_equals_predict_on_the_same_grid(manifest, stride) -> No
         *([f"train.val_stride={','.join(map(str, stride))}"] if stride else [])])
     torch.manual_seed(0)
     model = build_model(settings).eval()
-    mean, per_case = validate(model, manifest, settings, torch.device("cpu"))
+    result = validate(model, manifest, settings, torch.device("cpu"))
 
     predict = (PredictSettings(device="cpu", mode="uniform", stride=stride) if stride
                else PredictSettings(device="cpu"))
     predictor = Predictor(model, predict, settings.train.patch, PrepareSettings(), 1,
                           ["background", "fg"])
+    largest = []
     for case in manifest.cases:
         probs = predictor.probabilities(np.array(manifest.image(case.id)))
-        expected = dice(probs.argmax(0).numpy(), np.asarray(manifest.label(case.id)))
-        assert per_case[case.id] == pytest.approx(expected, abs=1e-6)
-    assert mean == pytest.approx(np.mean(list(per_case.values())))
+        mask = probs.argmax(0).numpy().astype(np.uint8)
+        label = np.asarray(manifest.label(case.id))
+        assert result.per_case[case.id] == pytest.approx(dice(mask, label), abs=1e-6)
+        largest.append(dice(keep_largest_component(mask, [1]), label))
+    assert result.dice == pytest.approx(np.mean(list(result.per_case.values())))
+    assert result.dice_largest == pytest.approx(np.mean(largest), abs=1e-6)
 
 
 def test_blending_follows_predict_defaults() -> None:
