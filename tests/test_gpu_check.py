@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_every_step(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.md").read_text()
-    for step in ("iteration_cpu", "throughput_cpu", "predict_cpu"):
+    for step in ("iteration_cpu", "throughput_cpu", "predict_cpu", "pytest_cpu"):
         assert f"## {step}: rc 0" in summary
         assert (out / f"{step}.log").is_file()
     result = json.loads((out / "predict_cpu.json").read_text())
@@ -37,4 +37,4 @@ def test_gpu_check_budget_skips_steps_it_cannot_start(tmp_path: Path) -> None:
                            "--budget", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     summary = (out / "summary.md").read_text()
-    assert summary.count("skipped, the budget is spent") == 3
+    assert summary.count("skipped, the budget is spent") == 4
