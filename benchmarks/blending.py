@@ -132,15 +132,17 @@ def main(argv: list[str] | None = None) -> None:
     print("| variant | " + " | ".join(Path(r).name for r in results)
           + " | mean | vs reference | 95 % interval over cases |")
     print("|---|" + "---|" * (len(results) + 3))
+    intervals = {v: case_interval(results, v, ref) for v in variants}
     for v in variants:
         per_run = [means[r][v] for r in results]
         gap = np.mean(per_run) - np.mean([means[r][ref] for r in results])
-        low, high = case_interval(results, v, ref)
+        low, high = intervals[v]
         print(f"| {v} | " + " | ".join(f"{d:.2f}" for d in per_run)
               + f" | {np.mean(per_run):.2f} | {gap:+.2f} | {low:+.2f} to {high:+.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"cases": ids, "keep_largest": args.keep_largest,
-                                         "means": means, "per_case": results}, indent=1))
+                                         "means": means, "intervals_vs_reference": intervals,
+                                         "per_case": results}, indent=1))
 
 
 def case_interval(results: dict[str, dict[str, dict[str, float]]], variant: str, ref: str,

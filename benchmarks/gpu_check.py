@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,16 +66,16 @@ def steps(smoke: bool) -> list[tuple[str, list[str], int]]:
     # The open issue's step first: if the budget runs out, it is the one that got measured.
     return [
         ("predict_full_resolution", [py, __file__, "--predict-worker", "--device", "cuda",
-                                     "--repeats", "3"], 120),
+                                     "--repeats", "3"], 110),
         ("pytest_cuda", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                         str(HERE.parent / "tests" / "test_cuda.py")], 90),
-        ("iteration_112_amp_cl", [*it, "--sizes", "112x112x80", "--amp", "--channels-last"], 100),
+                         str(HERE.parent / "tests" / "test_cuda.py")], 80),
+        ("iteration_112_amp_cl", [*it, "--sizes", "112x112x80", "--amp", "--channels-last"], 90),
         ("iteration_112_fp32", [*it, "--sizes", "112x112x80", "--no-amp", "--no-channels-last"],
-         100),
-        ("iteration_64_amp_cl", [*it, "--sizes", "64x64x48", "--amp", "--channels-last"], 70),
+         90),
+        ("iteration_64_amp_cl", [*it, "--sizes", "64x64x48", "--amp", "--channels-last"], 60),
         ("throughput_amp", [py, str(HERE / "train_throughput.py"), "--patch",
                             "112", "112", "80", "--iterations", "20", "--rounds", "2",
-                            "--workers", "4"], 120),
+                            "--workers", "4"], 110),
     ]
 
 
@@ -113,7 +114,7 @@ def predict_worker(args: argparse.Namespace) -> dict:
     volumes = [Volume(rng.normal(0, 1, shape).astype(np.float32), Geometry(spacing=SPACING))
                for shape in shapes]
     seconds: dict[str, dict[str, list[float]]] = {n: {} for n in protocols}
-    for volume in volumes:  # warm-up: cuDNN autotuning and allocator growth, per protocol
+    for volume in volumes:  # warm-up: CUDA context, kernel loading, allocator growth
         for p in predictors.values():
             p.predict_volume(volume)
     for r in range(args.repeats):
@@ -126,14 +127,17 @@ def predict_worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "patch": list(patch), "batch_size": args.batch_size,
+            # "fp32" rows run convolutions in TF32 where PyTorch allows it (its default).
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "seconds": seconds,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else None}
 
 
 def summarise_predict(result: dict) -> list[str]:
-    lines = [f"predict, {result['device']}, patch {result['patch']}, batch {result['batch_size']}"
-             f", CUDA peak {result['peak_gib'] or 0:.2f} GiB:",
+    lines = [f"predict, {result['device']}, torch {result['torch']}, patch {result['patch']}, "
+             f"batch {result['batch_size']}, CUDA peak {result['peak_gib'] or 0:.2f} GiB, "
+             f"cuDNN TF32 allowed: {result['cudnn_allow_tf32']}:",
              "| protocol | " + " | ".join(f"{k} s (median)" for k in
                                          next(iter(result["seconds"].values()))) + " | mean |",
              "|---|" + "---|" * (1 + len(next(iter(result["seconds"].values()))))]
@@ -142,6 +146,20 @@ def summarise_predict(result: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians)
                      + f" | {sum(medians) / len(medians):.2f} |")
     return lines
+
+
+def run_step(cmd: list[str], limit: float, env: dict[str, str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``cmd``; past ``limit`` seconds its whole process group
+    is killed (status 124): loader and benchmark workers must not hold the GPU for the next step."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=limit)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return 124, out, err + f"\nkilled after {limit:.0f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,27 +193,28 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(f"\n## {name}: skipped, the budget is spent")
             failed += 1
             continue
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
-            rc, out, err = proc.returncode, proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            rc = 124
-            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        rc, out, err = run_step(cmd, limit, env)
         wall = time.perf_counter() - start
         (args.out / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n"
                                               f"--- stderr\n{err}\n")
         summary.append(f"\n## {name}: rc {rc}, {wall:.0f} s")
-        failed += rc != 0
         if rc == 0 and name.startswith("predict"):
-            result = json.loads(out.strip().splitlines()[-1])
-            (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-            summary += summarise_predict(result)
+            try:
+                result = json.loads(out.strip().splitlines()[-1])
+            except (IndexError, json.JSONDecodeError):
+                rc = 1
+                summary.append("no JSON result on the last line of stdout")
+            else:
+                (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+                summary += summarise_predict(result)
         elif rc == 0:
             summary.append(out.strip())
         else:  # pytest reports on stdout, Python tracebacks go to stderr
             summary.append("\n".join((out + err).strip().splitlines()[-8:]))
+        failed += rc != 0
         print("\n".join(summary[first:]), flush=True)
+        # After every step: the device's own limit may stop this script before the end.
+        (args.out / "summary.md").write_text("\n".join(summary) + "\n")
     (args.out / "summary.md").write_text("\n".join(summary) + "\n")
     return 1 if failed else 0
 

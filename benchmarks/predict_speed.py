@@ -130,9 +130,11 @@ def time_full_resolution(args: argparse.Namespace, h5_root: Path) -> dict:
     torch.set_num_threads(2)
     protocols = {
         f"gaussian overlap {args.overlap:g}": PredictSettings(
-            mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu"),
+            mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu",
+            keep_largest=args.keep_largest),
         f"uniform stride {' '.join(map(str, args.stride))}": PredictSettings(
-            mode="uniform", stride=tuple(args.stride), batch_size=args.batch_size, device="cpu")}
+            mode="uniform", stride=tuple(args.stride), batch_size=args.batch_size, device="cpu",
+            keep_largest=args.keep_largest)}
     predictors = {k: Predictor.from_run(args.full_resolution_model, "last", s)
                   for k, s in protocols.items()}
     rows: dict[str, list[float]] = {k: [] for k in protocols}

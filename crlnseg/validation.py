@@ -52,16 +52,16 @@ def validate(model: Any, manifest: Any, settings: Any, device: torch.device, ran
     """Dice of ``model`` (eval mode) on a prepared manifest, with and without keeping the largest
     component of each class."""
     from crlnseg.inference.postprocess import keep_largest_component
+    from crlnseg.inference.predictor import inference_autocast
     from crlnseg.inference.sliding_window import sliding_window
     from crlnseg.method.crln import predict_logits
-    from crlnseg.method.train_step import autocast
 
     classes = settings.model.num_classes
     was_training = model.training
     model.eval()
 
     def probs(x: torch.Tensor) -> torch.Tensor:
-        with autocast(settings, device):
+        with inference_autocast(device, settings.train.amp):  # predict's precision, too
             return torch.softmax(predict_logits(model, x, rectify=True).float(), dim=1)
 
     foreground = list(range(1, classes))

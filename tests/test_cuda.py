@@ -35,34 +35,39 @@ def tiny(**train) -> RunSettings:
 
 
 def test_predict_with_amp_on_cuda_matches_fp32_on_the_cpu() -> None:
-    torch.manual_seed(0)
-    model = build_model(tiny()).eval()
     rng = np.random.default_rng(0)
     volume = Volume(rng.normal(0, 1, (50, 44, 40)).astype(np.float32),
                     Geometry(spacing=(0.8, 0.8, 1.2)))
     out = {}
     for device, amp in (("cpu", False), ("cuda", True), ("cuda", False)):
+        torch.manual_seed(0)  # the same weights, a fresh model: each device keeps its own layout
+        model = build_model(tiny()).eval()
         p = Predictor(model, PredictSettings(device=device, amp=amp), (32, 32, 32),
                       PrepareSettings(), 1, ["background", "fg"])
         out[device, amp] = p.predict_volume(volume, save_probabilities=True)
     ref = out["cpu", False]
     for key in (("cuda", True), ("cuda", False)):
         assert out[key].mask.shape == ref.mask.shape
-        tol = 2e-2 if key[1] else 1e-4  # fp16 logits carry ~3 significant digits
+        # fp16 logits carry ~3 significant digits; "fp32" convolutions may run in TF32.
+        tol = 2e-2 if key[1] else 1e-3
         assert np.abs(out[key].probabilities - ref.probabilities).max() < tol, key
         assert (out[key].mask == ref.mask).mean() > 0.99, key
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_train_step_on_cuda_learns_and_agrees_with_the_cpu(amp: bool) -> None:
+@pytest.mark.parametrize("amp", [False, "bf16-or-fp16", "fp16"])
+def test_train_step_on_cuda_learns_and_agrees_with_the_cpu(amp, monkeypatch) -> None:
+    if amp == "fp16":  # the grad-scaler path, which GPUs with bf16 (A100, H100) never take
+        monkeypatch.setattr("crlnseg.method.train_step._amp_dtype", lambda device: torch.float16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 32, 32, 32, generator=g)
     label = (torch.nn.functional.avg_pool3d(x, 5, stride=1, padding=2)[:2, 0] > 0.05).long()
     batch = Batch(x[:2], label, x[2:])
     records = {}
     for device in ("cpu", "cuda"):
-        settings = tiny(amp=amp if device == "cuda" else False)
+        settings = tiny(amp=bool(amp) and device == "cuda")
         state = init_state(settings, torch.device(device))
+        if device == "cuda":
+            assert (state.scaler is not None) == (amp == "fp16")
         on_device = Batch(**{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
         records[device] = [train_step(state, on_device, settings,
                                       torch.Generator().manual_seed(1), 100)

@@ -38,3 +38,24 @@ def test_gpu_check_budget_skips_steps_it_cannot_start(tmp_path: Path) -> None:
     assert proc.returncode == 1
     summary = (out / "summary.md").read_text()
     assert summary.count("skipped, the budget is spent") == 4
+
+
+def test_a_step_past_its_limit_is_killed_with_its_children() -> None:
+    import importlib.util
+    import os
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    child = ("import subprocess, sys, time; "
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "print(p.pid, flush=True); time.sleep(60)")
+    start = time.monotonic()
+    rc, out, err = gpu_check.run_step([sys.executable, "-c", child], 3, dict(os.environ))
+    assert rc == 124 and "killed after 3 s" in err and time.monotonic() - start < 30
+    grandchild = int(out.split()[0])
+    time.sleep(0.5)
+    status = Path(f"/proc/{grandchild}/status")
+    # Gone, or a zombie waiting for init to reap it: either way no longer running.
+    assert not status.exists() or "State:\tZ" in status.read_text()

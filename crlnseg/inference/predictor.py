@@ -33,7 +33,8 @@ from crlnseg.inference.tta import flip_sets, with_flips
 from crlnseg.io.volume import Volume
 from crlnseg.settings import PredictSettings, PrepareSettings
 
-__all__ = ["Prediction", "RectifiedPrediction", "Predictor", "resolve_device"]
+__all__ = ["Prediction", "RectifiedPrediction", "Predictor", "inference_autocast",
+           "resolve_device"]
 
 Heads = Literal["raw", "rectified", "both"]
 
@@ -63,6 +64,14 @@ def resolve_device(device: str) -> torch.device:
 
         raise ConfigError("--device cuda: no CUDA device is available")
     return torch.device(device)
+
+
+def inference_autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """fp16 autocast on CUDA when ``amp`` (as nnU-Net predicts; training picks bf16 where the GPU
+    has it), nothing otherwise. Shared by ``predict`` and validation so both score alike."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def _channels(volume: Volume) -> int:
@@ -117,13 +126,10 @@ class Predictor:
     def _patch_fn(self, heads: Heads) -> Callable[[torch.Tensor], torch.Tensor]:
         from crlnseg.method.rectification import rectify
 
-        amp = self.settings.amp and self.device.type == "cuda"
-
         def fn(x: torch.Tensor) -> torch.Tensor:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            ctx = torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
-            with ctx:
+            with inference_autocast(self.device, self.settings.amp):
                 out = self.model(x, with_relation=heads != "raw", embed="none")
             f = out.logits.float()
             if heads == "raw" or out.relation is None:  # baselines without a DIM: M = 0
