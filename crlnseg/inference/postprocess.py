@@ -3,9 +3,9 @@
 Off by default, as in the literature's LA protocol, whose test scripts offer it as an option
 ("nms"). For a single connected structure such as the left atrium it removes false-positive
 fragments, which Gaussian blending leaves more of than the dense stride protocol
-(benchmarks/RESULTS.md, "Blending"). Components are 26-connected (full connectivity, as MONAI's
-``KeepLargestConnectedComponent``); voxels of a class outside its largest component become
-background (0).
+(benchmarks/RESULTS.md, "false-positive fragments"). Components are 26-connected (full
+connectivity, as MONAI's ``KeepLargestConnectedComponent``); voxels of a class outside its largest
+component become background (0).
 """
 
 from __future__ import annotations
