@@ -11,9 +11,10 @@ training (``metrics.jsonl``). Output: ``<out>/la_<L>.json`` (every number), ``la
 (mean +- std over seeds) and ``la_<L>.png``.
 
 Resumable: a finished run (``checkpoints/last.pt`` at the final iteration) is not retrained, an
-unfinished one is continued with ``--resume``, and finished predictions/evaluations are reused.
+unfinished one is continued with ``--resume``, and finished predictions/evaluations are reused
+when they were made with the same predict flags (stamped in ``pred_<method>.flags.json``).
 
-    python benchmarks/la.py --labelled 8 --seeds 0 1 2            # the table of RESULTS.md
+    python benchmarks/la.py --labelled 8 --seeds 0 1 2 --sigma 0.125   # the table of RESULTS.md
     python benchmarks/la.py --iterations 5 --limit-val 2 --limit-unlabelled 2 --out /tmp/la-smoke
 """
 
@@ -186,12 +187,28 @@ def count_empty(folder: Path) -> int:
                if p.name.endswith((".nii.gz", ".nii")))
 
 
+def _stamp(folder: Path, flags: list[str]) -> None:
+    """Record next to ``folder`` the CLI flags its outputs were made with."""
+    folder.with_name(folder.name + ".flags.json").write_text(json.dumps([str(f) for f in flags]))
+
+
+def _same_flags(folder: Path, flags: list[str]) -> bool:
+    """Reuse outputs only when made with the same flags (e.g. ``--sigma``); unstamped: no."""
+    stamp = folder.with_name(folder.name + ".flags.json")
+    return stamp.is_file() and json.loads(stamp.read_text()) == [str(f) for f in flags]
+
+
 def evaluate(crlnseg: Runner, run: Path, name: str, split: Path, flags: list[str]) -> dict:
     """Predict ``split/images`` with the last checkpoint, evaluate in voxels and in mm."""
     pred, log = run / f"pred_{name}", run.parent / f"{run.name}.log"
     expected = len(list((split / "images").iterdir()))
-    if not pred.is_dir() or len(list(pred.glob("*.nii*"))) != expected:
+    reports = [run / f"eval_{name}_{units}.json" for units in ("voxel", "mm")]
+    if (not pred.is_dir() or len(list(pred.glob("*.nii*"))) != expected
+            or not _same_flags(pred, flags)):
+        for report in reports:  # they score the predictions about to be replaced
+            report.unlink(missing_ok=True)
         crlnseg(["predict", split / "images", "-o", pred, "-m", run, "--overwrite", *flags], log)
+        _stamp(pred, flags)
     result: dict = {"empty_predictions": count_empty(pred), "cases": expected}
     for units, flag in (("voxel", ["--voxel-units"]), ("mm", [])):
         report = run / f"eval_{name}_{units}.json"
@@ -209,10 +226,11 @@ def rectify(crlnseg: Runner, run: Path, images: Path, labels: Path,
             flags: list[str] | tuple[str, ...] = ()) -> dict:
     """Raw vs rectified pseudo-label quality on the unlabelled cases (``rectify --labels``)."""
     out = run / "rectify_unlabelled"
-    if not (out / "summary.json").exists():
+    if not (out / "summary.json").exists() or not _same_flags(out, list(flags)):
         crlnseg(["rectify", images, "-o", out, "-m", run, "--labels", labels, "--overwrite",
                  *flags],
                 run.parent / f"{run.name}.log")
+        _stamp(out, list(flags))
     summary = json.loads((out / "summary.json").read_text())
     return {"pseudo_dice_raw": summary["mean"].get("dice_raw"),
             "pseudo_dice_rectified": summary["mean"].get("dice_rectified"),
