@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an extra uniform row, e.g. 9 9 2 (18 18 4 at half resolution)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--sigma", type=float, default=None,
+                   help="Gaussian sigma of the Gaussian protocol (default: crlnseg predict's)")
     p.add_argument("--keep-largest", action="store_true",
                    help="every protocol keeps the largest connected component of each class "
                    "(crlnseg predict --keep-largest; the literature's optional LA "
@@ -92,9 +94,10 @@ def compare_protocols(args: argparse.Namespace) -> dict:
                 PredictSettings(mode="uniform", stride=tuple(stride), batch_size=args.batch_size,
                                 device="cpu", keep_largest=args.keep_largest))
 
+    sigma = {} if args.sigma is None else {"sigma_scale": args.sigma}
     protocols = dict([(f"gaussian overlap {args.overlap:g}", PredictSettings(
         mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu",
-        keep_largest=args.keep_largest)),
+        keep_largest=args.keep_largest, **sigma)),
         uniform(args.stride)] + ([uniform(args.scaled_stride)] if args.scaled_stride else []))
     predictors = {k: Predictor.from_run(args.model, "last", s) for k, s in protocols.items()}
     ids = (args.data / "cases.txt").read_text().split()[64:64 + args.cases]
@@ -131,7 +134,8 @@ def time_full_resolution(args: argparse.Namespace, h5_root: Path) -> dict:
     protocols = {
         f"gaussian overlap {args.overlap:g}": PredictSettings(
             mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu",
-            keep_largest=args.keep_largest),
+            keep_largest=args.keep_largest,
+            **({} if args.sigma is None else {"sigma_scale": args.sigma})),
         f"uniform stride {' '.join(map(str, args.stride))}": PredictSettings(
             mode="uniform", stride=tuple(args.stride), batch_size=args.batch_size, device="cpu",
             keep_largest=args.keep_largest)}

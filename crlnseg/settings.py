@@ -162,7 +162,7 @@ class PredictSettings(Strict):
     """Sliding-window inference (``crlnseg predict`` and ``crlnseg rectify``)."""
 
     mode: Literal["gaussian", "uniform"] = Field("gaussian", description="patch blending: Gaussian importance (sigma = sigma_scale * patch) or uniform average")
-    sigma_scale: float = Field(1 / 3, gt=0, description="Gaussian sigma as a share of the patch side (nnU-Net and MONAI: 1/8; 1/3 chosen on LA, benchmarks/RESULTS.md 'blending')")
+    sigma_scale: float = Field(1 / 8, gt=0, description="Gaussian sigma as a share of the patch side (nnU-Net's and MONAI's 1/8; on LA, 1/3 helped CRLN models by ~1 Dice point but cost mean-teacher and supervised models up to 20: benchmarks/RESULTS.md 'Blending across methods')")
     overlap: float = Field(0.5, ge=0, lt=1, description="overlap between neighbouring patches (share of the patch) when no stride is given")
     stride: IntTriple | None = Field(None, description="explicit patch stride X Y Z in voxels (literature LA protocol: 18 18 4); overrides overlap")
     patch: IntTriple | None = Field(None, description="patch size X Y Z; None uses the training patch of the run")

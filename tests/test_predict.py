@@ -161,8 +161,8 @@ def test_bad_checkpoints_exit_2(tmp_path, tiny_run):
 def test_sigma_option_reaches_the_predictor_and_is_validated(tmp_path, tiny_run):
     from crlnseg.cli.predict import predict_settings
 
-    assert PredictSettings().sigma_scale == pytest.approx(1 / 3)
-    assert predict_settings(0.5, None, None, 2, False, "cpu", True, 0.125).sigma_scale == 0.125
+    assert PredictSettings().sigma_scale == pytest.approx(1 / 8)
+    assert predict_settings(0.5, None, None, 2, False, "cpu", True, 0.25).sigma_scale == 0.25
     src = write_nifti(tmp_path / "scan.nii.gz", blob_image()[0])
     _fails(["predict", str(src), "-o", str(tmp_path / "m.nii.gz"), "-m", str(tiny_run),
             "--device", "cpu", "--sigma", "0"], "--sigma")

@@ -6,7 +6,7 @@ the per-patch outputs (probabilities: the caller applies softmax per patch) are 
     P(v) = sum_k w_k(v) * p_k(v) / sum_k w_k(v)
 
 with ``w`` a Gaussian importance map centred on the patch (sigma = ``sigma_scale`` * patch, so
-the less reliable patch borders count less; nnU-Net uses 1/8, crlnseg's predictor 1/3) or
+the less reliable patch borders count less; nnU-Net, MONAI and crlnseg's predictor use 1/8) or
 ``w = 1`` (uniform: the literature's protocol, e.g. LA stride 18 x 18 x 4, which averages the
 softmax of every patch).
 
