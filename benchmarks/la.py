@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an extra labelled folder (images/ labels/) to evaluate every run on")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--sigma", type=float, default=None,
-                   help="Gaussian sigma of crlnseg predict / rectify (default: crlnseg's; the "
-                   "LA tables of RESULTS.md used 0.125, the default before 1/3)")
+                   help="Gaussian sigma of crlnseg predict / rectify (default: crlnseg's, "
+                   "0.125; the LA tables of RESULTS.md pin it)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at the same time, each with cores/jobs threads (on a "
                         "2-core CPU, --jobs 2 finishes sooner than 2 threads per run)")
