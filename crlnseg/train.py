@@ -29,7 +29,8 @@ from crlnseg.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from crlnseg.errors import RunFailure
 from crlnseg.settings import RunSettings
 
-__all__ = ["RunPlan", "TrainResult", "train", "run_worker", "seed_iteration"]
+__all__ = ["RunPlan", "TrainResult", "last_validation", "train", "run_worker",
+           "seed_iteration"]
 
 
 @dataclass
@@ -230,17 +231,24 @@ def train(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSetti
 
     from crlnseg.parallel import forward_signals
 
+    last = plan.out / "checkpoints" / "last.pt"
+    start = int(load_checkpoint(last)["meta"]["iteration"]) if plan.resume else 0
     with forward_signals() as received:
         try:
             spawn(_spawned, plan.world_size, (plan,))
         except mp.ProcessRaisedException as err:  # one line: the child's exception
             lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
             raise RunFailure(f"a training process failed: {lines[-1] if lines else err}") from None
-    ckpt = load_checkpoint(plan.out / "checkpoints" / "last.pt")
-    history = read_metrics(plan.out / "metrics.jsonl")
-    vals = [line for line in history if "val_dice" in line]
+    ckpt = load_checkpoint(last)
+    dice, largest = last_validation(read_metrics(plan.out / "metrics.jsonl"), start)
     return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), settings.train.iterations,
-                       received.signum, vals[-1]["val_dice"] if vals else None,
-                       ckpt["meta"].get("best_val_dice"),
-                       vals[-1].get("val_dice_largest") if vals else None)
+                       received.signum, dice, ckpt["meta"].get("best_val_dice"), largest)
+
+
+def last_validation(history: list[dict[str, Any]], start: int
+                    ) -> tuple[float | None, float | None]:
+    """(val_dice, val_dice_largest) of the last validation after iteration ``start`` in
+    ``metrics.jsonl`` lines: a resumed run reports its own, as the single-process path does."""
+    vals = [line for line in history if "val_dice" in line and line["iteration"] > start]
+    return (vals[-1]["val_dice"], vals[-1].get("val_dice_largest")) if vals else (None, None)
 

@@ -288,3 +288,14 @@ def test_sigterm_to_a_real_process_then_resume(data, tmp_path):
                          "-o", str(out), "--resume", "--iterations", str(done + 1)])
     assert code == 0, output
     assert load_checkpoint(out / "checkpoints/last.pt")["meta"]["iteration"] == done + 1
+
+
+def test_last_validation_ignores_lines_of_an_earlier_session():
+    from crlnseg.train import last_validation
+
+    history = [{"iteration": 2, "loss": 1.0}, {"iteration": 2, "val_dice": 0.5},
+               {"iteration": 4, "val_dice": 0.6, "val_dice_largest": 0.65},
+               {"iteration": 6, "loss": 0.8}]
+    assert last_validation(history, 0) == (0.6, 0.65)
+    assert last_validation(history, 4) == (None, None)  # resumed at 4, no validation since
+    assert last_validation(history[:2], 0) == (0.5, None)  # a log from before val_dice_largest
