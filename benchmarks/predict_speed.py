@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,25 @@ def quick_train(run: Path, data: Path, iterations: int) -> Path:
     return run
 
 
+def gaussian_protocol(args: argparse.Namespace) -> tuple[str, Any]:
+    """(name, PredictSettings) of Gaussian blending at ``--overlap`` (``--sigma`` if given)."""
+    from crlnseg.settings import PredictSettings
+
+    sigma = {} if args.sigma is None else {"sigma_scale": args.sigma}
+    return (f"gaussian overlap {args.overlap:g}",
+            PredictSettings(mode="gaussian", overlap=args.overlap, batch_size=args.batch_size,
+                            device="cpu", keep_largest=args.keep_largest, **sigma))
+
+
+def uniform_protocol(args: argparse.Namespace, stride) -> tuple[str, Any]:
+    """(name, PredictSettings) of uniform blending at ``stride`` (the literature's protocol)."""
+    from crlnseg.settings import PredictSettings
+
+    return (f"uniform stride {' '.join(map(str, stride))}",
+            PredictSettings(mode="uniform", stride=tuple(stride), batch_size=args.batch_size,
+                            device="cpu", keep_largest=args.keep_largest))
+
+
 def compare_protocols(args: argparse.Namespace) -> dict:
     import torch
 
@@ -86,19 +106,10 @@ def compare_protocols(args: argparse.Namespace) -> dict:
     from crlnseg.inference.sliding_window import pad_to_patch, patch_origins
     from crlnseg.io import read_case_images, read_label
     from crlnseg.metrics import dice
-    from crlnseg.settings import PredictSettings
 
     torch.set_num_threads(2)
-    def uniform(stride) -> tuple[str, PredictSettings]:
-        return (f"uniform stride {' '.join(map(str, stride))}",
-                PredictSettings(mode="uniform", stride=tuple(stride), batch_size=args.batch_size,
-                                device="cpu", keep_largest=args.keep_largest))
-
-    sigma = {} if args.sigma is None else {"sigma_scale": args.sigma}
-    protocols = dict([(f"gaussian overlap {args.overlap:g}", PredictSettings(
-        mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu",
-        keep_largest=args.keep_largest, **sigma)),
-        uniform(args.stride)] + ([uniform(args.scaled_stride)] if args.scaled_stride else []))
+    protocols = dict([gaussian_protocol(args), uniform_protocol(args, args.stride)]
+                     + ([uniform_protocol(args, args.scaled_stride)] if args.scaled_stride else []))
     predictors = {k: Predictor.from_run(args.model, "last", s) for k, s in protocols.items()}
     ids = (args.data / "cases.txt").read_text().split()[64:64 + args.cases]
     rows: dict[str, dict[str, list[float]]] = {k: {"seconds": [], "dice": [], "patches": []}
@@ -128,17 +139,9 @@ def time_full_resolution(args: argparse.Namespace, h5_root: Path) -> dict:
 
     from crlnseg.inference.predictor import Predictor
     from crlnseg.io import read_case_images
-    from crlnseg.settings import PredictSettings
 
     torch.set_num_threads(2)
-    protocols = {
-        f"gaussian overlap {args.overlap:g}": PredictSettings(
-            mode="gaussian", overlap=args.overlap, batch_size=args.batch_size, device="cpu",
-            keep_largest=args.keep_largest,
-            **({} if args.sigma is None else {"sigma_scale": args.sigma})),
-        f"uniform stride {' '.join(map(str, args.stride))}": PredictSettings(
-            mode="uniform", stride=tuple(args.stride), batch_size=args.batch_size, device="cpu",
-            keep_largest=args.keep_largest)}
+    protocols = dict([gaussian_protocol(args), uniform_protocol(args, args.stride)])
     predictors = {k: Predictor.from_run(args.full_resolution_model, "last", s)
                   for k, s in protocols.items()}
     rows: dict[str, list[float]] = {k: [] for k in protocols}
