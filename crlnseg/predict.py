@@ -130,6 +130,8 @@ def predict_paths(inputs: list[Path], output: Path, model: Path,
                                       if probabilities else [])
     check_outputs(outputs, overwrite)
     predictor = Predictor.from_run(model, which, settings or PredictSettings())
+    if predictor.choice_note:
+        log(predictor.choice_note)
     for case, _ in plan:
         if len(case.images) > 1 and len(case.images) != predictor.channels:
             raise DataError(f"case {case.id}: {len(case.images)} channel files, but the model "

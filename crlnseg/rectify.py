@@ -118,7 +118,11 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
     label_paths = {c.id: find_label(Path(labels), c.id) for c in cases} if labels else {}
     planned = [p for o in outputs.values() for p in [*o.files.values(), o.preview] if p]
     check_outputs(planned + [out / "summary.csv", out / "summary.json"], overwrite)
-    predictor = Predictor.from_run(model, which, settings or PredictSettings())
+    # Pseudo-labels show the network's output: no connected-component post-processing.
+    settings = (settings or PredictSettings()).model_copy(update={"keep_largest": False})
+    predictor = Predictor.from_run(model, which, settings)
+    if predictor.choice_note:
+        log(predictor.choice_note)
     n_classes = len(predictor.classes)
     rows = []
     for i, case in enumerate(cases, 1):

@@ -195,7 +195,8 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
     meta = {"classes": list(range(settings.model.num_classes)), "channels": channels,
             "prepare": settings.prepare.model_dump(mode="json"),
             "method": settings.method.method,
-            "best_val_dice": None if saved is None else saved["meta"].get("best_val_dice")}
+            "best_val_dice": None if saved is None else saved["meta"].get("best_val_dice"),
+            "inference": None if saved is None else saved["meta"].get("inference")}
     return RunPlan(out, settings, lab_dir, unl_dir, val_dir, meta, saved is not None, device_type,
                    world)
 

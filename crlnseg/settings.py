@@ -162,14 +162,15 @@ class PredictSettings(Strict):
     """Sliding-window inference (``crlnseg predict`` and ``crlnseg rectify``)."""
 
     mode: Literal["gaussian", "uniform"] = Field("gaussian", description="patch blending: Gaussian importance (sigma = sigma_scale * patch) or uniform average")
-    sigma_scale: float = Field(1 / 8, gt=0, description="Gaussian sigma as a share of the patch side (nnU-Net's and MONAI's 1/8; on LA, 1/3 helped CRLN models by ~1 Dice point but cost mean-teacher and supervised models up to 20: benchmarks/RESULTS.md 'Blending across methods')")
+    sigma_scale: float | None = Field(None, gt=0, description="Gaussian sigma as a share of the patch side; None: the one the run chose on its validation set (checkpoint meta 'inference', with `tuned`), else 1/8 (nnU-Net's and MONAI's; on LA, 1/3 helped CRLN models by ~1 Dice point but cost mean-teacher and supervised models up to 20: benchmarks/RESULTS.md 'Blending across methods')")
     overlap: float = Field(0.5, ge=0, lt=1, description="overlap between neighbouring patches (share of the patch) when no stride is given")
     stride: IntTriple | None = Field(None, description="explicit patch stride X Y Z in voxels (literature LA protocol: 18 18 4); overrides overlap")
     patch: IntTriple | None = Field(None, description="patch size X Y Z; None uses the training patch of the run")
     batch_size: int = Field(2, ge=1, description="patches per forward pass")
     tta: bool = Field(False, description="test-time augmentation: mean softmax over the 8 flips of X, Y, Z")
     rectify: bool = Field(True, description="output softmax(f + (1 - mu) * M) of the EMA model; False: softmax(f)")
-    keep_largest: bool = Field(False, description="keep the largest connected component of each class")
+    keep_largest: bool | None = Field(None, description="keep the largest connected component of each class; None: as the run chose on its validation set (with `tuned`), else False")
+    tuned: bool = Field(True, description="use the blending sigma and keep_largest the run chose on its validation set where not given explicitly (crlnseg.inference.choice); False: the built-in defaults")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
 

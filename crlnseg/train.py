@@ -57,6 +57,8 @@ class TrainResult:
     val_dice: float | None = None
     best_val_dice: float | None = None
     val_dice_largest: float | None = None  # last validation, largest component kept per class
+    # Blending / post-processing for predict, chosen on the validation set (inference.choice)
+    inference: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -70,6 +72,7 @@ def seed_iteration(seed: int, rank: int, iteration: int, generator: torch.Genera
 
 
 def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> TrainResult:
+    from crlnseg.inference.choice import describe
     from crlnseg.method.train_step import Batch, train_step
     from crlnseg.parallel import StopFlag, sync_buffers
     from crlnseg.run_folder import MetricsLog, Progress
@@ -80,7 +83,8 @@ def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> Trai
     log = MetricsLog(run / "metrics.jsonl" if d.is_main else None)
     progress = Progress(total, start, enabled=d.is_main)
     stop, generator = StopFlag.install(), torch.Generator()
-    result = TrainResult(run, start, total, best_val_dice=plan.meta.get("best_val_dice"))
+    result = TrainResult(run, start, total, best_val_dice=plan.meta.get("best_val_dice"),
+                         inference=plan.meta.get("inference"))
     try:
         for iteration, batch in zip(range(start, total), loader, strict=False):
             seed_iteration(t.seed, d.rank, iteration, generator)
@@ -96,18 +100,21 @@ def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> Trai
                 progress.logged(log.flush(done))
             improved = False
             if val_data is not None and (done % t.val_every == 0 or last):
-                v = validate(state.teacher, val_data, s, d.device, d.rank, d.world_size)
+                v = validate(state.teacher, val_data, s, d.device, d.rank, d.world_size, done)
                 dice = v.dice
                 log.write({"iteration": done, "val_dice": dice,
-                           "val_dice_largest": v.dice_largest, "val_per_case": v.per_case})
+                           "val_dice_largest": v.dice_largest, "val_per_case": v.per_case,
+                           "val_choice": v.choice})
                 progress.message(f"iteration {done}: validation Dice {dice:.4f} "
-                                 f"({v.dice_largest:.4f} keeping the largest component)")
+                                 f"({v.dice_largest:.4f} keeping the largest component); "
+                                 f"predict will use {describe(v.choice)}")
                 result.val_dice, result.val_dice_largest = dice, v.dice_largest
+                result.inference = v.choice
                 improved = result.best_val_dice is None or dice > result.best_val_dice
                 result.best_val_dice = max(dice, result.best_val_dice or -math.inf)
             stopped = stop.requested(d)
             if done % t.checkpoint_every == 0 or last or improved or stopped:
-                _checkpoint(plan, d, state, done, result.best_val_dice,
+                _checkpoint(plan, d, state, done, result.best_val_dice, result.inference,
                             periodic=done % t.checkpoint_every == 0, best=improved)
                 if d.is_main:  # a plot costs ~0.3 s: with checkpoints, not every log line
                     _plot(run)
@@ -123,12 +130,13 @@ def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> Trai
 
 
 def _checkpoint(plan: RunPlan, d: Any, state: Any, done: int, best_dice: float | None,
-                periodic: bool, best: bool) -> None:
+                inference: dict[str, Any] | None, periodic: bool, best: bool) -> None:
     if not d.is_main:
         return
     folder = plan.out / "checkpoints"
+    # `inference`: the last validation's choice (crlnseg.inference.choice), for predict
     meta = {**plan.meta, "iteration": done, "total_iterations": plan.settings.train.iterations,
-            "world_size": d.world_size, "best_val_dice": best_dice}
+            "world_size": d.world_size, "best_val_dice": best_dice, "inference": inference}
     save_checkpoint(folder / "last.pt", state, plan.settings, meta)
     if periodic:
         copy_checkpoint(folder / "last.pt", folder / f"iter_{done}.pt")
@@ -242,7 +250,8 @@ def train(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSetti
     ckpt = load_checkpoint(last)
     dice, largest = last_validation(read_metrics(plan.out / "metrics.jsonl"), start)
     return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), settings.train.iterations,
-                       received.signum, dice, ckpt["meta"].get("best_val_dice"), largest)
+                       received.signum, dice, ckpt["meta"].get("best_val_dice"), largest,
+                       ckpt["meta"].get("inference"))
 
 
 def last_validation(history: list[dict[str, Any]], start: int

@@ -70,8 +70,9 @@ def blob_image(shape=(20, 18, 12), seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return image.astype(np.float32), label.astype(np.uint8)
 
 
-def make_tiny_run(folder: Path, channels: int = 1) -> Path:
-    """A real (untrained) crlnseg run: base filters 4, R 2, F 8, patch 16^3."""
+def make_tiny_run(folder: Path, channels: int = 1, inference: dict | None = None) -> Path:
+    """A real (untrained) crlnseg run: base filters 4, R 2, F 8, patch 16^3; ``inference``: a
+    validated blending choice stored as training stores it (crlnseg.inference.choice)."""
     from crlnseg.checkpoint import save_checkpoint
     from crlnseg.method.train_step import init_state
     from crlnseg.settings import ModelSettings, RunSettings, TrainSettings
@@ -84,6 +85,7 @@ def make_tiny_run(folder: Path, channels: int = 1) -> Path:
     with torch.no_grad():
         state.teacher.mu_raw.fill_(0.25)  # rectified output != raw output
     meta = {"classes": ["background", "foreground"], "channels": channels,
-            "prepare": settings.prepare.model_dump(mode="json"), "iteration": 0}
+            "prepare": settings.prepare.model_dump(mode="json"), "iteration": 0,
+            "inference": inference}
     save_checkpoint(folder / "checkpoints" / "last.pt", state, settings, meta)
     return folder

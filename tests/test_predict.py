@@ -13,7 +13,7 @@ from inference_helpers import StandIn, blob_image, make_tiny_run, oblique_affine
 from typer.testing import CliRunner
 
 from crlnseg.cli.app import app
-from crlnseg.errors import DataError
+from crlnseg.errors import ConfigError, DataError
 from crlnseg.inference.predictor import Predictor
 from crlnseg.io import Geometry, Volume
 from crlnseg.metrics import dice
@@ -114,6 +114,32 @@ def test_mask_keeps_anisotropic_oblique_geometry(tmp_path, tiny_run):
     assert set(np.unique(np.asarray(ngot.dataobj))) <= {0, 1}
 
 
+def test_predict_uses_the_runs_validated_choice_unless_told_otherwise(tmp_path):
+    from crlnseg.inference.choice import choose
+
+    choice = choose({(1 / 8, False): 0.70, (1 / 3, True): 0.75}, iteration=9)
+    run = make_tiny_run(tmp_path / "run", inference=choice)
+    src = write_nifti(tmp_path / "scan.nii.gz", blob_image((30, 26, 20))[0])
+
+    def predict(name: str, *flags: str) -> tuple[np.ndarray, str]:
+        out = tmp_path / name / "m.nii.gz"
+        result = runner.invoke(app, ["predict", str(src), "-o", str(out), "-m", str(run),
+                                     "--device", "cpu", "--save-probabilities", *flags])
+        assert result.exit_code == 0, result.output
+        with np.load(out.with_name("m_probabilities.npz")) as npz:
+            return npz["probabilities"].astype(np.float32), result.stderr
+
+    tuned, log = predict("tuned")
+    assert "sigma 1/3 + largest" in log and "iteration 9" in log and "--no-tuned" in log
+    explicit, log = predict("explicit", "--sigma", str(1 / 3), "--keep-largest")
+    np.testing.assert_array_equal(tuned, explicit)
+    assert "run's choice" not in log
+    plain, _ = predict("plain", "--no-tuned")
+    builtin, _ = predict("builtin", "--sigma", "0.125", "--no-keep-largest")
+    np.testing.assert_array_equal(plain, builtin)
+    assert not np.allclose(tuned, plain)  # the sigma reached the blending
+
+
 def test_folder_input_writes_one_mask_per_case(tmp_path, tiny_run):
     for i in range(2):
         write_nifti(tmp_path / "in" / f"case{i}.nii.gz", blob_image((18, 17, 16), seed=i)[0])
@@ -161,8 +187,11 @@ def test_bad_checkpoints_exit_2(tmp_path, tiny_run):
 def test_sigma_option_reaches_the_predictor_and_is_validated(tmp_path, tiny_run):
     from crlnseg.cli.predict import predict_settings
 
-    assert PredictSettings().sigma_scale == pytest.approx(1 / 8)
+    # Without a validated choice in the checkpoint: nnU-Net's 1/8.
+    assert stand_in_predictor().settings.sigma_scale == pytest.approx(1 / 8)
     assert predict_settings(0.5, None, None, 2, False, "cpu", True, 0.25).sigma_scale == 0.25
+    with pytest.raises(ConfigError, match="--sigma: only Gaussian"):  # would be ignored
+        predict_settings(0.5, (4, 4, 4), None, 2, False, "cpu", True, 0.25)
     src = write_nifti(tmp_path / "scan.nii.gz", blob_image()[0])
     _fails(["predict", str(src), "-o", str(tmp_path / "m.nii.gz"), "-m", str(tiny_run),
             "--device", "cpu", "--sigma", "0"], "--sigma")

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from crlnseg.checkpoint import load_checkpoint, load_inference_model
 from crlnseg.cli.app import app
+from crlnseg.inference.choice import variant_name
 
 # Tiny everything: 16^3 crops of 24 x 20 x 18 volumes, 2-filter-wide... 4-filter V-Net.
 TINY = ["--preset", "cpu", "--patch", "16", "16", "16", "--base-filters", "4",
@@ -102,9 +103,16 @@ def test_each_method_trains_through_the_cli(data, tmp_path, method):
         assert 0 <= summary["val_dice"] <= 1 and 0 <= summary["val_dice_largest"] <= 1
         val = [x for x in lines if "val_dice" in x]
         assert val and val[-1]["val_dice_largest"] == summary["val_dice_largest"]
+        # The blending/post-processing chosen on validation reaches the checkpoint for predict.
+        choice = val[-1]["val_choice"]
+        assert summary["inference"] == meta["inference"] == choice and choice["iteration"] == 2
+        assert choice["val_dice"]["sigma 1/8"] == pytest.approx(summary["val_dice"], abs=1e-6)
+        assert max(choice["val_dice"].values()) == choice["val_dice"][variant_name(
+            choice["sigma_scale"], choice["keep_largest"])]
         assert steps[-1]["loss_relation"] is not None
     else:
         assert not (out / "checkpoints/best.pt").exists() and steps[-1]["loss_relation"] is None
+        assert summary["inference"] is None and meta["inference"] is None
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -260,6 +268,7 @@ def test_two_cpu_processes_leave_identical_weights(data, tmp_path, monkeypatch):
                                                  for p in (data["val"] / "images").glob("*"))
     assert (summary["val_dice"], summary["val_dice_largest"]) == (val["val_dice"],
                                                                   val["val_dice_largest"])
+    assert summary["inference"] == val["val_choice"]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for part in ("student", "teacher"):
         for key, value in r0[part].items():

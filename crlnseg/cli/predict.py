@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from crlnseg.cli.app import handle_errors
+
+if TYPE_CHECKING:
+    from crlnseg.settings import PredictSettings
 
 HELP = "\n\n".join([
     "Segment scans with a trained run (the EMA teacher of its last checkpoint).",
@@ -21,7 +24,7 @@ HELP = "\n\n".join([
 
 def predict_settings(overlap: float, stride: tuple[int, int, int] | None, blend: str | None,
                      batch_size: int, tta: bool, device: str, amp: bool,
-                     sigma: float | None = None, **extra: Any):  # -> PredictSettings
+                     sigma: float | None = None, **extra: Any) -> PredictSettings:
     """Options -> PredictSettings; an explicit --stride means uniform blending unless --blend."""
     from pydantic import ValidationError
 
@@ -30,6 +33,9 @@ def predict_settings(overlap: float, stride: tuple[int, int, int] | None, blend:
 
     mode = blend or ("uniform" if stride else "gaussian")
     if sigma is not None:
+        if mode == "uniform":
+            raise ConfigError("--sigma: only Gaussian blending has a sigma (an explicit --stride "
+                              "means uniform blending unless --blend gaussian)")
         extra["sigma_scale"] = sigma
     try:
         return PredictSettings(overlap=overlap, stride=stride, mode=mode, batch_size=batch_size,
@@ -49,8 +55,11 @@ OVERLAP = typer.Option(0.5, "--overlap", help="Patch overlap (Gaussian blending)
 STRIDE = typer.Option(None, "--stride", help="Explicit stride X Y Z in voxels, uniform "
                       "blending (literature LA protocol: 18 18 4).")
 SIGMA = typer.Option(None, "--sigma", help="Gaussian sigma as a share of the patch side "
-                     "(default 0.125 = 1/8, nnU-Net's; 0.333 suited well-trained CRLN models "
-                     "on LA).")
+                     "(default: the run's choice on its validation set, else 0.125 = 1/8, "
+                     "nnU-Net's; 0.333 suited well-trained CRLN models on LA).")
+TUNED = typer.Option(True, "--tuned/--no-tuned", help="Use the sigma (and, for predict, "
+                     "--keep-largest) the run chose on its validation set, where not given "
+                     "explicitly; --no-tuned: the built-in defaults.")
 BLEND = typer.Option(None, "--blend", help="gaussian or uniform (default: gaussian; uniform "
                      "with --stride).")
 BATCH = typer.Option(2, "--batch-size", help="Patches per forward pass.")
@@ -70,14 +79,17 @@ def register(app: typer.Typer) -> None:
         stride: tuple[int, int, int] = STRIDE, blend: str = BLEND, batch_size: int = BATCH,
         save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write "
                                                 "<ID>_probabilities.npz (float16, C X Y Z)."),
-        keep_largest: bool = typer.Option(False, "--keep-largest", help="Keep the largest "
-                                          "connected component of each class."),
+        keep_largest: bool | None = typer.Option(
+            None, "--keep-largest/--no-keep-largest", show_default=False,
+            help="Keep the largest connected component of each class (default: as the run "
+            "chose on its validation set, else off)."),
         no_rectify: bool = typer.Option(False, "--no-rectify", help="Output softmax(f) alone."),
-        amp: bool = AMP, overwrite: bool = OVERWRITE,
+        tuned: bool = TUNED, amp: bool = AMP, overwrite: bool = OVERWRITE,
     ) -> None:
         from crlnseg.predict import predict_paths
 
         settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp, sigma,
-                                    keep_largest=keep_largest, rectify=not no_rectify)
+                                    keep_largest=keep_largest, rectify=not no_rectify,
+                                    tuned=tuned)
         predict_paths(inputs, output, model, settings, which=checkpoint,
                       probabilities=save_probabilities, overwrite=overwrite)

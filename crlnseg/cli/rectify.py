@@ -19,6 +19,7 @@ from crlnseg.cli.predict import (
     SIGMA,
     STRIDE,
     TTA,
+    TUNED,
     predict_settings,
 )
 
@@ -47,10 +48,11 @@ def register(app: typer.Typer) -> None:
         preview: bool = typer.Option(False, "--preview", help="Write preview/<ID>.png."),
         device: str = DEVICE, tta: bool = TTA, overlap: float = OVERLAP, sigma: float = SIGMA,
         stride: tuple[int, int, int] = STRIDE, blend: str = BLEND, batch_size: int = BATCH,
-        amp: bool = AMP, overwrite: bool = OVERWRITE,
+        tuned: bool = TUNED, amp: bool = AMP, overwrite: bool = OVERWRITE,
     ) -> None:
         from crlnseg.rectify import rectify_paths
 
-        settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp, sigma)
+        settings = predict_settings(overlap, stride, blend, batch_size, tta, device, amp, sigma,
+                                    tuned=tuned)
         rectify_paths(images, out, model, settings, which=checkpoint, labels=labels,
                       threshold=threshold, preview=preview, overwrite=overwrite)

@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
         print(json.dumps({"run_dir": str(result.run_dir), "iteration": result.iteration,
                           "iterations": result.total, "val_dice": result.val_dice,
                           "best_val_dice": result.best_val_dice,
-                          "val_dice_largest": result.val_dice_largest}))
+                          "val_dice_largest": result.val_dice_largest,
+                          "inference": result.inference}))
         if result.stopped_by is not None:
             log(f"stopped by signal {result.stopped_by} at iteration {result.iteration}; "
                 f"continue with: crlnseg train ... -o {output} --resume")

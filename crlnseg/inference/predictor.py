@@ -85,7 +85,11 @@ class Predictor:
                  patch: tuple[int, int, int], prepare: PrepareSettings, channels: int,
                  classes: list[str], device: torch.device | None = None,
                  meta: dict[str, Any] | None = None) -> None:
-        self.settings = settings
+        from crlnseg.inference.choice import apply_choice
+
+        self.meta = meta or {}
+        # Blending sigma and keep-largest: explicit settings, else the run's validated choice.
+        self.settings, self.choice_note = apply_choice(settings, self.meta.get("inference"))
         self.device = device or resolve_device(settings.device)
         self.model = model.to(self.device).eval()
         # oneDNN's channels-last 3-D convolutions: 1.1-1.2x faster inference on the CPU, same
@@ -97,7 +101,6 @@ class Predictor:
         self.prepare = prepare
         self.channels = channels
         self.classes = classes
-        self.meta = meta or {}
 
     @classmethod
     def from_run(cls, model: Path, which: str = "last",

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 __all__ = ["Blend", "gaussian_importance_map", "overlap_starts", "stride_starts",
-           "patch_origins", "pad_to_patch", "sliding_window"]
+           "patch_origins", "pad_to_patch", "sliding_window", "blend_patches"]
 
 Blend = Literal["gaussian", "uniform"]
 Triple = tuple[int, int, int]
@@ -110,16 +110,33 @@ def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
     batch iterator (it receives the iterator and the number of batches).
     """
     patch = tuple(int(p) for p in patch)
+    if blend == "gaussian":
+        weight = gaussian_importance_map(patch, sigma_scale)
+    else:
+        weight = torch.ones(patch, dtype=torch.float32)
+    return blend_patches(image, patch_fn, patch, out_channels, [weight], overlap, stride,
+                         batch_size, device, buffer_device, progress)[0]
+
+
+def blend_patches(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
+                  out_channels: int, weight_maps: Sequence[torch.Tensor], overlap: float = 0.5,
+                  stride: Sequence[int] | None = None, batch_size: int = 1,
+                  device: torch.device | str = "cpu",
+                  buffer_device: torch.device | str | None = None,
+                  progress: Callable[[Iterator[list[Triple]], int], Iterator[list[Triple]]]
+                  | None = None) -> list[torch.Tensor]:
+    """:func:`sliding_window` with several weightings of the same patch outputs: one blended
+    ``(K, X, Y, Z)`` volume per map of ``weight_maps`` (each of shape ``patch``), the network run
+    once. Validation scores blending variants this way; memory grows with the number of maps."""
+    patch = tuple(int(p) for p in patch)
     buffer_device = torch.device(buffer_device if buffer_device is not None else device)
     padded, crop = pad_to_patch(image, patch)
     shape = padded.shape[-3:]
     origins = patch_origins(shape, patch, overlap, stride)
-    acc = torch.zeros((out_channels, *shape), dtype=torch.float32, device=buffer_device)
-    weights = torch.zeros(tuple(shape), dtype=torch.float32, device=buffer_device)
-    if blend == "gaussian":
-        weight = gaussian_importance_map(patch, sigma_scale).to(buffer_device)
-    else:
-        weight = torch.ones(patch, dtype=torch.float32, device=buffer_device)
+    maps = [w.to(buffer_device, torch.float32) for w in weight_maps]
+    accs = [torch.zeros((out_channels, *shape), dtype=torch.float32, device=buffer_device)
+            for _ in maps]
+    sums = [torch.zeros(tuple(shape), dtype=torch.float32, device=buffer_device) for _ in maps]
     batches: Iterator[list[Triple]] = _batches(origins, max(1, batch_size))
     if progress is not None:
         batches = progress(batches, math.ceil(len(origins) / max(1, batch_size)))
@@ -130,8 +147,9 @@ def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
         if out.shape[1] != out_channels:
             raise ValueError(f"patch_fn returned {out.shape[1]} channels, expected {out_channels}")
         for box, o in zip(boxes, out, strict=True):
-            acc[(slice(None), *box)] += o * weight
-            weights[box] += weight
-    acc /= weights  # in place: the accumulator becomes the blended result
-    return acc[(slice(None), *crop)]
-
+            for acc, total, weight in zip(accs, sums, maps, strict=True):
+                acc[(slice(None), *box)] += o * weight
+                total[box] += weight
+    for acc, total in zip(accs, sums, strict=True):
+        acc /= total  # in place: the accumulator becomes the blended result
+    return [acc[(slice(None), *crop)] for acc in accs]
