@@ -1,6 +1,6 @@
 """All settings, as pydantic models, in one place.
 
-Every hyper-parameter of ``METHOD.md`` is a field here with the reference's default and a one-line
+Every hyper-parameter of ``method/METHOD.md`` is a field here with the reference's default and a one-line
 description. A run saves its resolved :class:`RunSettings` (``settings.json`` in the run folder and
 inside every checkpoint). Presets are data (:data:`PRESETS`), applied as nested overrides.
 Axis convention everywhere: arrays are ``(X, Y, Z)`` (channels first when present), the same order
@@ -96,7 +96,7 @@ class MethodSettings(Strict):
 
 
 class AugmentSettings(Strict):
-    """Weak and strong views (METHOD.md Sec. 1)."""
+    """Weak and strong views (method/METHOD.md Sec. 1)."""
 
     weak_intensity: tuple[float, float] = Field((0.75, 1.25), description="weak view intensity scale range")
     rescale: tuple[float, float] = Field((0.5, 1.5), description="strong view in-plane rescale range")
@@ -110,7 +110,7 @@ class AugmentSettings(Strict):
 
 
 class OptimSettings(Strict):
-    """SGD with poly decay (METHOD.md Sec. 5)."""
+    """SGD with poly decay (method/METHOD.md Sec. 5)."""
 
     lr: float = Field(2.5e-3, gt=0, description="initial learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -175,7 +175,7 @@ class PredictSettings(Strict):
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
 
 
-# Presets: nested overrides of RunSettings (METHOD.md Sec. 2-5 and 6).
+# Presets: nested overrides of RunSettings (method/METHOD.md Sec. 2-5 and 6).
 PRESETS: dict[str, dict[str, Any]] = {
     "la8": {"model": {"prototypes_per_class": 16}, "method": {"xi": 0.6, "w_cps": 0.5},
             "train": {"patch": (112, 112, 80)}},

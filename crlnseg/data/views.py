@@ -1,4 +1,4 @@
-"""Weak and strong views (METHOD.md Sec. 1) on batched tensors on the model's device.
+"""Weak and strong views (method/METHOD.md Sec. 1) on batched tensors on the model's device.
 
 Random draws (``draw_*_params``, from a passed ``torch.Generator``) are separate from the
 deterministic operations (``apply_*``), so a test can replay a view exactly. Images are

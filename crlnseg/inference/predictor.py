@@ -3,7 +3,7 @@
 Per case: preprocess exactly as training did (``crlnseg.data.preprocessing.preprocess`` with the
 run's ``PrepareSettings``), sliding window of the EMA teacher over the whole case, per-patch
 
-    rectified:  softmax(f(x) + (1 - mu) * M(x))      (METHOD.md Sec. 2, inference)
+    rectified:  softmax(f(x) + (1 - mu) * M(x))      (method/METHOD.md Sec. 2, inference)
     raw:        softmax(f(x))                         (``rectify=False``)
 
 blended into one probability map, mapped back to the input grid (``restore``: resample back,
@@ -92,8 +92,9 @@ class Predictor:
         self.settings, self.choice_note = apply_choice(settings, self.meta.get("inference"))
         self.device = device or resolve_device(settings.device)
         self.model = model.to(self.device).eval()
-        # oneDNN's channels-last 3-D convolutions: 1.1-1.2x faster inference on the CPU, same
-        # values to 1e-7 (benchmarks/RESULTS.md); CUDA keeps the default layout (not measured).
+        # oneDNN's channels-last 3-D convolutions: 1.16-1.22x faster inference on the CPU,
+        # probabilities within 2e-6 (benchmarks/predict_layout.py); CUDA keeps the default layout
+        # (not measured).
         self.channels_last = self.device.type == "cpu"
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)

@@ -1,4 +1,5 @@
-"""Projection head for the contrastive embedding (METHOD.md Sec. 1): conv3 -> BN -> ReLU -> conv1.
+"""Projection head for the contrastive embedding (method/METHOD.md Sec. 1): conv3 -> BN -> ReLU
+-> conv1.
 
 The head is split in two on purpose: ``hidden`` (conv3 -> BN -> ReLU) and ``project`` (the final
 1x1x1 conv, an affine map H -> F). Positive supervision only needs the embedding at sampled voxels
