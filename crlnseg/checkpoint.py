@@ -104,6 +104,9 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {data.get('format_version')} is "
                               f"not supported (this crlnseg reads version {FORMAT_VERSION})")
+    missing = [k for k in ("settings", "meta", "state") if not isinstance(data.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: damaged crlnseg checkpoint (no {', '.join(missing)})")
     return data
 
 
@@ -138,4 +141,13 @@ def load_inference_model(model: Path, which: str = "last",
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: teacher weights do not match the model "
                               f"({str(err).splitlines()[0][:120]})") from None
-    return net.to(device).eval(), settings, data["meta"]
+    meta = data["meta"]
+    # A meta that disagrees with the weights would fail mid-run, after outputs were planned.
+    classes = meta.get("classes", range(settings.model.num_classes))
+    if len(classes) != settings.model.num_classes:
+        raise CheckpointError(f"{path}: damaged checkpoint: {len(classes)} classes in its meta, "
+                              f"{settings.model.num_classes} in its model")
+    if int(meta.get("channels", settings.model.in_channels)) != settings.model.in_channels:
+        raise CheckpointError(f"{path}: damaged checkpoint: {meta.get('channels')} channels in "
+                              f"its meta, {settings.model.in_channels} in its model")
+    return net.to(device).eval(), settings, meta

@@ -64,6 +64,17 @@ def prepared_folder(folder: Path, cache: Path, settings: RunSettings) -> Path:
     return cache
 
 
+def check_consecutive(classes: list[int], folder: Path) -> None:
+    """Label values must be 0..K-1: a mask stored as 0/255 would otherwise silently become a
+    256-class model, and a skipped value a class that is never learned."""
+    missing = sorted(set(range(max([*classes, 0]) + 1)) - set(classes))
+    if missing:
+        hint = (" (masks stored as 0/255? convert them to 0/1)" if max(classes) == 255 else "")
+        raise DataError(f"{folder}: label values {sorted(classes)} are not consecutive 0..K-1: "
+                        f"no voxel has {missing[:5]}{'...' if len(missing) > 5 else ''}{hint}; "
+                        "relabel, or set model.num_classes explicitly")
+
+
 def adopt_dataset(settings: RunSettings, manifest: Any, folder: Path) -> RunSettings:
     """Take preprocessing, channels and classes from the labelled cache; refuse contradictions."""
     explicit_prep = {k: getattr(settings.prepare, k) for k in settings.prepare.model_fields_set}
@@ -76,6 +87,8 @@ def adopt_dataset(settings: RunSettings, manifest: Any, folder: Path) -> RunSett
         raise ConfigError(f"model.in_channels = {model.in_channels} but {folder} has "
                           f"{manifest.channels} channel(s)")
     classes = max([*manifest.classes, 1]) + 1
+    if "num_classes" not in model.model_fields_set:
+        check_consecutive(manifest.classes, folder)
     num_classes = model.num_classes if "num_classes" in model.model_fields_set else classes
     data = settings.model_dump(mode="json")
     data["prepare"] = manifest.settings.model_dump(mode="json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "Strict",
@@ -28,6 +28,18 @@ __all__ = [
 
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
+
+
+def check_stride(stride: IntTriple | None, patch: IntTriple | None) -> None:
+    """A sliding-window stride of 0 never moves and one longer than the patch leaves voxels that
+    no patch covers (blended as 0 / 0): each side must lie in 1 .. patch."""
+    if stride is None:
+        return
+    if any(s < 1 for s in stride):
+        raise ValueError(f"each side must be at least 1, got {tuple(stride)}")
+    if patch is not None and any(s > p for s, p in zip(stride, patch, strict=True)):
+        raise ValueError(f"each side must be at most the patch size {tuple(patch)}, got "
+                         f"{tuple(stride)}")
 
 
 class Strict(BaseModel):
@@ -146,6 +158,14 @@ class TrainSettings(Strict):
             raise ValueError(f"each side must be a positive multiple of 16, got {patch}")
         return patch
 
+    @model_validator(mode="after")
+    def _val_stride_within_patch(self) -> TrainSettings:
+        try:
+            check_stride(self.val_stride, self.patch)
+        except ValueError as err:
+            raise ValueError(f"val_stride: {err}") from None
+        return self
+
 
 class RunSettings(Strict):
     """Everything a training run needs; saved with the run and inside every checkpoint."""
@@ -173,6 +193,12 @@ class PredictSettings(Strict):
     tuned: bool = Field(True, description="use the blending sigma and keep_largest the run chose on its validation set where not given explicitly (crlnseg.inference.choice); False: the built-in defaults")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_positive(cls, stride: IntTriple | None) -> IntTriple | None:
+        check_stride(stride, None)  # against the patch once the run's is known (Predictor)
+        return stride
 
 
 # Presets: nested overrides of RunSettings (method/METHOD.md Sec. 2-5 and 6).

@@ -180,6 +180,16 @@ def test_bad_checkpoints_exit_2(tmp_path, tiny_run):
     future = tmp_path / "future.pt"
     torch.save(data, future)
     _fails(base + [str(future)], "format version 999")
+    for key, damage, text in [("settings", None, "no settings"), ("meta", None, "no meta"),
+                              ("meta", {**data["meta"], "classes": ["a", "b", "c"]},
+                               "3 classes in its meta, 2 in its model")]:
+        broken = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
+        if damage is None:
+            del broken[key]
+        else:
+            broken[key] = damage
+        torch.save(broken, tmp_path / "broken.pt")
+        _fails(base + [str(tmp_path / "broken.pt")], text)
     _fails(base + [str(tiny_run), "--checkpoint", "best"], "best.pt")
     assert not (tmp_path / "m.nii.gz").exists()
 
@@ -201,6 +211,21 @@ def test_sigma_option_reaches_the_predictor_and_is_validated(tmp_path, tiny_run)
                     .predict_volume(volume, save_probabilities=True).probabilities
                     for s in (0.125, 0.25))
     assert not np.allclose(narrow, wide)
+
+
+def test_stride_outside_1_to_patch_is_refused(tmp_path, tiny_run):
+    # A stride longer than the patch left voxels no patch covers (NaN probabilities, exit 0);
+    # 0 divided by zero.
+    src = write_nifti(tmp_path / "scan.nii.gz", blob_image((40, 20, 20))[0])
+    base = ["predict", str(src), "-o", str(tmp_path / "m.nii.gz"), "-m", str(tiny_run),
+            "--device", "cpu", "--stride"]
+    _fails(base + ["17", "4", "4"], "at most the patch size (16, 16, 16)")
+    _fails(base + ["0", "4", "4"], "at least 1")
+    assert not (tmp_path / "m.nii.gz").exists()
+    from crlnseg.config import resolve_settings
+
+    with pytest.raises(ConfigError, match="val_stride: each side must be at most"):
+        resolve_settings(overrides=["train.patch=16,16,16", "train.val_stride=18,18,4"])
 
 
 def test_bad_images_exit_2(tmp_path, tiny_run):

@@ -308,3 +308,16 @@ def test_last_validation_ignores_lines_of_an_earlier_session():
     assert last_validation(history, 0) == (0.6, 0.65)
     assert last_validation(history, 4) == (None, None)  # resumed at 4, no validation since
     assert last_validation(history[:2], 0) == (0.5, None)  # a log from before val_dice_largest
+
+
+def test_non_consecutive_label_values_are_refused(data, tmp_path):
+    # Masks stored as 0/255 used to build a 256-class model without a word.
+    lab = _write_split(tmp_path / "byte", 1, True, 4, max_class=255)
+    args = ["--labelled", str(lab), "--unlabelled", str(data["punl"]), "-o", str(tmp_path / "r"),
+            "--iterations", "1", *TINY]
+    code, output = _run(args)
+    assert code == 2 and "not consecutive" in output and "0/255" in output, output
+    assert [line for line in output.splitlines() if "error" in line][0].startswith("error:")
+    assert not (tmp_path / "r").exists()  # nothing left behind
+    code, output = _run(args + ["--set", "model.num_classes=256", "--overwrite"])
+    assert code == 0, output  # explicitly asked for

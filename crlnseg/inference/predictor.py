@@ -31,7 +31,7 @@ from crlnseg.inference.postprocess import argmax_max, keep_largest_component
 from crlnseg.inference.sliding_window import sliding_window
 from crlnseg.inference.tta import flip_sets, with_flips
 from crlnseg.io.volume import Volume
-from crlnseg.settings import PredictSettings, PrepareSettings
+from crlnseg.settings import PredictSettings, PrepareSettings, check_stride
 
 __all__ = ["Prediction", "RectifiedPrediction", "Predictor", "inference_autocast",
            "resolve_device"]
@@ -99,6 +99,12 @@ class Predictor:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.patch = tuple(settings.patch or patch)
+        try:
+            check_stride(self.settings.stride, self.patch)
+        except ValueError as err:
+            from crlnseg.errors import ConfigError
+
+            raise ConfigError(f"--stride: {err}") from None
         self.prepare = prepare
         self.channels = channels
         self.classes = classes
