@@ -1,8 +1,10 @@
 """`evaluate`: per-case, per-class Dice/Jaccard/HD95/ASD of predicted masks against ground truth.
 
-Cases are matched by ID (the discovery rules of ``prepare``; each mask file is a case). Before any
-metric, each pair must agree in shape and geometry (spacing, origin, direction within 1e-4) and hold
-integer labels, else :class:`DataError` naming the case. Distances are in mm (GT spacing) unless
+Cases are matched by ID (the discovery rules of ``prepare``, except that each mask file is a case:
+masks have no channels, so ``patient_0001.nii.gz`` is case ``patient_0001``). Before any metric,
+each pair must agree in shape and geometry (spacing, origin, direction within
+:data:`~crlnseg.io.readers.GEOMETRY_TOL`, as ``prepare``) and hold non-negative integer labels,
+else :class:`DataError` naming the case. Distances are in mm (GT spacing) unless
 ``voxel_units``. Default classes: every non-zero label found in any ground-truth case (union over
 cases), so each case reports the same classes. Empty-mask rules: see :mod:`crlnseg.metrics`.
 The summary per class and metric holds mean, population std (ddof=0, as ``numpy.std``), median, n
@@ -20,6 +22,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from pydantic import Field
@@ -27,11 +30,13 @@ from pydantic import Field
 from crlnseg.console import track
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import split_suffix
+from crlnseg.io.readers import GEOMETRY_TOL, label_array
 from crlnseg.metrics import case_metrics
 from crlnseg.settings import Strict
 
 __all__ = ["EvaluateSettings", "Pair", "Report", "evaluate", "evaluate_folders", "evaluate_pair",
-           "evaluate_pairs", "match_cases", "summarize", "bootstrap_ci"]
+           "evaluate_pairs", "match_cases", "plan_pairs", "check_output", "summarize",
+           "bootstrap_ci"]
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -39,7 +44,7 @@ METRICS = ("dice", "jaccard", "hd95", "asd")
 class EvaluateSettings(Strict):
     """Options of ``crlnseg evaluate``."""
 
-    classes: list[int] | None = Field(
+    classes: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, description="labels to evaluate; None: every non-zero GT label (union over cases)")
     voxel_units: bool = Field(False, description="distances in voxels (spacing 1) instead of mm")
     bootstrap: int = Field(
@@ -65,9 +70,10 @@ def _read(path: Path, case: str, side: str) -> tuple[np.ndarray, object]:
         raise DataError(f"case {case}: {side} mask {err}") from None
     except Exception as err:  # noqa: BLE001 - any reader failure is bad input
         raise DataError(f"case {case}: cannot read {side} mask {path}: {err}") from None
-    array = np.asarray(volume.array)
-    if array.ndim != 3:
-        raise DataError(f"case {case}: {side} mask {path} has shape {array.shape}, expected 3D")
+    try:
+        array = label_array(np.asarray(volume.array), path)  # (X, Y, Z, 1) is 3D, as for images
+    except DataError as err:
+        raise DataError(f"case {case}: {side} mask {err}") from None
     if array.dtype.kind == "b":
         return array.view(np.uint8), volume.geometry
     if array.dtype.kind not in "iu":
@@ -76,6 +82,9 @@ def _read(path: Path, case: str, side: str) -> tuple[np.ndarray, object]:
             raise DataError(f"case {case}: {side} mask {path} has non-integer values "
                             f"(e.g. {array[bad].flat[0]!r}); masks must hold integer labels")
         array = array.astype(np.int32)
+    if array.size and array.min() < 0:  # as prepare: a label is a class index
+        raise DataError(f"case {case}: {side} mask {path} has negative labels "
+                        f"(min {array.min()}); labels are class indices 0, 1, 2...")
     return array, volume.geometry
 
 
@@ -89,9 +98,9 @@ def evaluate_pair(pair: Pair, classes: list[int] | None, voxel_units: bool
     if pred.shape != gt.shape:
         raise DataError(f"case {pair.case}: prediction shape {pred.shape} != ground-truth "
                         f"shape {gt.shape} ({pair.pred})")
-    if not pred_geometry.close_to(gt_geometry, 1e-4):
+    if not pred_geometry.close_to(gt_geometry, GEOMETRY_TOL):
         raise DataError(f"case {pair.case}: prediction geometry differs from the ground truth "
-                        f"by more than 1e-4: {_difference(pred_geometry, gt_geometry)} "
+                        f"by more than {GEOMETRY_TOL:g}: {_difference(pred_geometry, gt_geometry)} "
                         f"({pair.pred})")
     gt_labels = [int(v) for v in np.unique(gt) if v != 0]
     if classes is None:
@@ -106,7 +115,7 @@ def _difference(pred: object, gt: object) -> str:
     parts = []
     for name in ("spacing", "origin", "direction"):
         a, b = np.asarray(getattr(pred, name)), np.asarray(getattr(gt, name))
-        if not np.allclose(a, b, rtol=0.0, atol=1e-4):
+        if not np.allclose(a, b, rtol=0.0, atol=GEOMETRY_TOL):
             text = [", ".join(f"{x:.6g}" for x in v) for v in (a, b)]
             parts.append(f"{name} ({text[0]}) vs ({text[1]})")
     return "; ".join(parts)
@@ -177,17 +186,37 @@ def evaluate_folders(pred: Path, gt: Path, settings: EvaluateSettings) -> Report
     return evaluate_pairs(match_cases(Path(pred), Path(gt), settings.allow_missing), settings)
 
 
-def evaluate(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
-    """Two mask files (one case, named after the GT file) or two folders."""
+def plan_pairs(pred: Path, gt: Path, allow_missing: bool = False) -> list[Pair]:
+    """The pairs to score: two mask files (one case, named after the GT file) or two folders."""
     pred, gt = Path(pred), Path(gt)
     for path, side in ((pred, "prediction"), (gt, "ground truth")):
         if not path.exists():
             raise DataError(f"{path}: {side} path does not exist")
     if pred.is_dir() and gt.is_dir():
-        return evaluate_folders(pred, gt, settings)
+        return match_cases(pred, gt, allow_missing)
     if pred.is_dir() or gt.is_dir():
         raise DataError(f"{pred} and {gt}: give two mask files or two folders, not one of each")
-    return evaluate_pairs([Pair(_case_id(gt), pred, gt)], settings)
+    return [Pair(_case_id(gt), pred, gt)]
+
+
+def evaluate(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
+    """Two mask files (one case, named after the GT file) or two folders."""
+    return evaluate_pairs(plan_pairs(pred, gt, settings.allow_missing), settings)
+
+
+def check_output(output: Path, pairs: list[Pair], overwrite: bool) -> None:
+    """Refuse the report's path before any metric is computed: an input mask (even with
+    overwrite), an existing file without overwrite, a folder, or a missing folder."""
+    from crlnseg.predict import check_not_inputs
+
+    output = Path(output)
+    check_not_inputs([output], [p for pair in pairs for p in (pair.pred, pair.gt) if p])
+    if output.is_dir():
+        raise OutputExistsError(f"{output}: is a folder; -o names the report file")
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output}: exists (use --overwrite to replace it)")
+    if not output.parent.is_dir():
+        raise OutputExistsError(f"{output}: folder {output.parent} does not exist")
 
 
 # --- summary and report -------------------------------------------------------------------------
@@ -258,6 +287,7 @@ class Report:
     def to_table(self, color: bool = True, width: int | None = None) -> str:
         """Rich tables (cases, then summary) rendered to text."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         def cell(value: float | None) -> str:
@@ -267,7 +297,9 @@ class Report:
         for name in ("case", "class") + METRICS:
             cases.add_column(name, justify="left" if name == "case" else "right")
         for row in self.rows:
-            cases.add_row(row["case"], str(row["class"]), *(cell(row[m]) for m in METRICS))
+            # A case ID is a file name, not rich markup: "s[red]x" must show as such.
+            cases.add_row(escape(row["case"]), str(row["class"]),
+                          *(cell(row[m]) for m in METRICS))
         summary = Table(title="Summary: mean ± std (median) [95% CI]; n/a = undefined")
         for name in ("class",) + METRICS:
             summary.add_column(name, justify="right")
@@ -335,12 +367,12 @@ def _read_image(path: Path) -> object:
 
 
 def _discover(folder: Path) -> dict[str, Path]:
-    """Case ID -> mask file, by the discovery rules of ``prepare``."""
+    """Case ID -> mask file, by the discovery rules of ``prepare`` without channel files."""
     from crlnseg.data.discovery import discover_cases
 
-    cases = discover_cases(folder)
-    if any(len(c.images) > 1 for c in cases):
-        # A mask is one file: names such as "case_0001.nii.gz" were read as channels of "case".
+    # A mask is one file: "patient_0001.nii.gz" is case "patient_0001", not channel 1.
+    cases = discover_cases(folder, channels=False)
+    if any(len(c.images) > 1 for c in cases):  # nnU-Net imagesTr/ channel files: one per case
         return {split_suffix(p)[0]: p for c in cases for p in c.images}
     # A dataset folder (images/ + labels/) gives its label files; a folder of masks its "images".
     return {c.id: c.label if c.label is not None and not c.label_in_image else c.images[0]

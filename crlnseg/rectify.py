@@ -29,15 +29,22 @@ import numpy as np
 
 from crlnseg.console import log
 from crlnseg.data.discovery import CaseFiles
-from crlnseg.errors import DataError
+from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import IMAGE_SUFFIXES, split_suffix
 from crlnseg.io.writers import write_atomic
 from crlnseg.metrics import dice
-from crlnseg.predict import check_outputs, input_cases
+from crlnseg.predict import (
+    check_channels,
+    check_headers,
+    check_not_inputs,
+    check_outputs,
+    input_cases,
+    written_so_far,
+)
 from crlnseg.settings import PredictSettings
 
-__all__ = ["COLUMNS", "DICE_COLUMNS", "KINDS", "case_outputs", "find_label", "mean_dice",
-           "case_row", "rectify_paths"]
+__all__ = ["COLUMNS", "DICE_COLUMNS", "KINDS", "case_outputs", "find_label", "find_labels",
+           "mean_dice", "case_row", "rectify_paths"]
 
 KINDS = ("rectified", "raw", "confidence", "reliable")
 COLUMNS = ["case", "mu", "reliable_raw", "reliable_rectified", "seconds"]
@@ -59,11 +66,34 @@ def case_outputs(case: CaseFiles, out: Path, preview: bool) -> CaseOutputs:
 
 def find_label(labels: Path, case_id: str) -> Path:
     """``GT_DIR/<ID><ext>`` for any image extension; DataError when missing."""
-    for suffix in IMAGE_SUFFIXES:
-        path = labels / f"{case_id}{suffix}"
-        if path.is_file():
-            return path
-    raise DataError(f"{labels}: no label for case {case_id} (expected {case_id}.nii.gz or similar)")
+    return find_labels(labels, [case_id])[case_id]
+
+
+def find_labels(labels: Path, case_ids: list[str]) -> dict[str, Path]:
+    """``GT_DIR/<ID><ext>`` per case, the extension in any letter case (``a.NII.GZ``);
+    DataError when the folder or a label is missing, or a case has two labels."""
+    labels = Path(labels)
+    if not labels.is_dir():
+        raise DataError(f"--labels {labels}: no such folder")
+    by_id: dict[str, Path] = {}
+    for path in sorted(labels.iterdir()):
+        stem, suffix = split_suffix(path)
+        if suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        if stem in by_id:
+            raise DataError(f"{path}: second label for case {stem} (also {by_id[stem].name})")
+        by_id[stem] = path
+    found = {}
+    for case_id in case_ids:
+        path = by_id.get(case_id)
+        if path is None:
+            raise DataError(f"{labels}: no label for case {case_id} "
+                            f"(expected {case_id}.nii.gz or similar)")
+        if not path.is_file():
+            problem = "broken symbolic link" if path.is_symlink() else "not a file"
+            raise DataError(f"{path}: {problem}")
+        found[case_id] = path
+    return found
 
 
 def mean_dice(pred: np.ndarray, ref: np.ndarray, classes: int,
@@ -111,25 +141,38 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
     """Write the pseudo-label files of every case of ``inputs`` and the summary; returns rows."""
     from crlnseg.inference.predictor import Predictor
     from crlnseg.io import read_case_images, read_label, write_image
+    from crlnseg.io.readers import check_label_header
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: is a file, not a folder (-o is the output folder)")
     cases, _ = input_cases(inputs)
     outputs = {case.id: case_outputs(case, out, preview) for case in cases}
-    label_paths = {c.id: find_label(Path(labels), c.id) for c in cases} if labels else {}
+    label_paths = find_labels(Path(labels), [c.id for c in cases]) if labels else {}
     planned = [p for o in outputs.values() for p in [*o.files.values(), o.preview] if p]
-    check_outputs(planned + [out / "summary.csv", out / "summary.json"], overwrite)
+    planned += [out / "summary.csv", out / "summary.json"]
+    check_not_inputs(planned, [p for c in cases for p in c.images] + list(label_paths.values()))
+    check_outputs(planned, overwrite)
     # Pseudo-labels show the network's output: no connected-component post-processing.
     settings = (settings or PredictSettings()).model_copy(update={"keep_largest": False})
     predictor = Predictor.from_run(model, which, settings)
     if predictor.choice_note:
         log(predictor.choice_note)
+    spacing = predictor.prepare.h5_spacing
+    headers = check_headers(cases, spacing)
+    check_channels(headers, predictor.channels)
+    for case_id, label_path in label_paths.items():
+        check_label_header(label_path, headers[case_id], spacing)
     n_classes = len(predictor.classes)
     rows = []
     for i, case in enumerate(cases, 1):
         log(f"[{i}/{len(cases)}] {case.id}")
-        volume = read_case_images(case.images, predictor.prepare.h5_spacing)
-        label = (read_label(label_paths[case.id], reference=volume).array
-                 if case.id in label_paths else None)
+        try:  # what headers cannot show: a corrupt body, label values
+            volume = read_case_images(case.images, spacing)
+            label = (read_label(label_paths[case.id], reference=volume).array
+                     if case.id in label_paths else None)
+        except DataError as err:
+            raise written_so_far(err, i - 1, out) from None
         pred = predictor.rectify_volume(volume)
         o = outputs[case.id]
         out.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,38 @@ def test_real_data(shared_data: Path) -> None:
     assert sorted(ids) == [c.id for c in cases]
     h5 = discover_cases(shared_data / "la_h5", require_labels=True)
     assert len(h5) == 2 and all(c.label_in_image for c in h5)
+
+
+def test_dangling_symlink_is_an_error_not_a_missing_case(tmp_path: Path) -> None:
+    # Splits are often folders of links: a link to a moved scan must not shrink the split.
+    real = touch(tmp_path / "data" / "a.nii.gz")
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "a.nii.gz").symlink_to(real)
+    (split / "b.nii.gz").symlink_to(tmp_path / "data" / "moved.nii.gz")
+    with pytest.raises(DataError, match="b.nii.gz: broken symbolic link") as info:
+        discover_cases(split)
+    assert "moved.nii.gz" in str(info.value)
+    with pytest.raises(DataError, match="broken symbolic link"):
+        discover_single(split / "b.nii.gz")
+    (split / "b.nii.gz").unlink()
+    (split / "images").mkdir()
+    (split / "images" / "c.nii.gz").symlink_to(real)
+    (split / "labels").mkdir()
+    (split / "labels" / "c.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(DataError, match="labels/c.nii.gz: broken symbolic link"):
+        discover_cases(split)
+
+
+def test_numbered_files_without_channels(tmp_path: Path) -> None:
+    # Masks have no channels: patient_0001..0003 are three cases, not channels 1..3 of "patient".
+    for i in (1, 2, 3):
+        touch(tmp_path / "masks" / f"patient_{i:04d}.nii.gz")
+        touch(tmp_path / "ds" / "images" / f"patient_{i:04d}.nii.gz")
+        touch(tmp_path / "ds" / "labels" / f"patient_{i:04d}.nii.gz")
+    cases = discover_cases(tmp_path / "masks", channels=False)
+    assert [c.id for c in cases] == ["patient_0001", "patient_0002", "patient_0003"]
+    paired = discover_cases(tmp_path / "ds", channels=False)
+    assert [c.label.name for c in paired] == [f"patient_{i:04d}.nii.gz" for i in (1, 2, 3)]
+    with pytest.raises(DataError, match="channels"):  # as image channels, 0 is missing
+        discover_cases(tmp_path / "masks")

@@ -229,3 +229,74 @@ def test_all_empty_ground_truth_needs_classes(tmp_path: Path) -> None:
     report = evaluate(tmp_path / "p.nii.gz", tmp_path / "g.nii.gz", EvaluateSettings(classes=[1]))
     assert report.rows == [{"case": "g", "class": 1, "dice": 1.0, "jaccard": 1.0, "hd95": 0.0,
                             "asd": 0.0}]
+
+
+def test_output_that_is_an_input_mask_is_refused_even_with_overwrite(folders) -> None:
+    pred_dir, gt_dir, _ = folders
+    gt = gt_dir / "case0.nii.gz"
+    before = gt.read_bytes()
+    _one_line_exit_2(_cli(pred_dir / "case0.nii.gz", gt, "-o", gt, "--overwrite"),
+                     "input files are never overwritten")
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "-o", gt_dir / "case1.nii.gz", "--overwrite"),
+                     "input files are never overwritten")
+    assert gt.read_bytes() == before
+
+
+def test_output_location_is_checked_before_any_metric(folders, tmp_path: Path) -> None:
+    pred_dir, gt_dir, _ = folders
+    _write(pred_dir / "case1.nii.gz", np.zeros((14, 12, 9), np.uint8))  # would fail in metrics
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "-o", tmp_path / "nope" / "r.json"), "does not exist")
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "-o", tmp_path, "--overwrite"), "is a folder")
+
+
+def test_numbered_masks_are_cases_not_channels(tmp_path: Path) -> None:
+    pred_dir, gt_dir = tmp_path / "p", tmp_path / "g"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    for i in (1, 2, 3):
+        pred, gt = _masks(i)
+        _write(pred_dir / f"patient_{i:04d}.nii.gz", pred)
+        _write(gt_dir / f"patient_{i:04d}.nii.gz", gt)
+    report = evaluate(pred_dir, gt_dir, EvaluateSettings())
+    assert sorted({r["case"] for r in report.rows}) == ["patient_0001", "patient_0002",
+                                                       "patient_0003"]
+
+
+def test_negative_labels_and_classes_are_refused(folders) -> None:
+    pred_dir, gt_dir, arrays = folders
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "--classes=-1"), "--classes")
+    negative = arrays["case1"][1].astype(np.int16)
+    negative[0, 0, 0] = -1
+    _write(gt_dir / "case1.nii.gz", negative)
+    _one_line_exit_2(_cli(pred_dir, gt_dir), "case1", "negative labels")
+
+
+def test_mask_with_a_trailing_singleton_dimension_is_3d(folders, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    pred_dir, gt_dir, _ = folders
+    gt = nib.load(str(gt_dir / "case0.nii.gz"))
+    xyz1 = tmp_path / "gt_xyz1.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(gt.dataobj)[..., None], gt.affine), str(xyz1))
+    flat = evaluate(pred_dir / "case0.nii.gz", gt_dir / "case0.nii.gz", EvaluateSettings())
+    assert evaluate(pred_dir / "case0.nii.gz", xyz1, EvaluateSettings()).summary == flat.summary
+
+
+def test_geometry_tolerance_is_the_one_of_prepare(folders) -> None:
+    from crlnseg.io.readers import GEOMETRY_TOL
+
+    pred_dir, gt_dir, arrays = folders
+    # An origin rounded differently by another tool: prepare accepts it, so must evaluate.
+    _write(gt_dir / "case1.nii.gz", arrays["case1"][1], origin=(1.0 + GEOMETRY_TOL / 2, -2.0, 3.0))
+    assert _cli(pred_dir, gt_dir).exit_code == 0
+    _write(gt_dir / "case1.nii.gz", arrays["case1"][1], origin=(1.0 + GEOMETRY_TOL * 2, -2.0, 3.0))
+    _one_line_exit_2(_cli(pred_dir, gt_dir), "case1", "geometry")
+
+
+def test_table_shows_case_ids_verbatim(tmp_path: Path) -> None:
+    pred, gt = _masks(0)
+    _write(tmp_path / "p.nii.gz", pred)
+    _write(tmp_path / "s[red]x.nii.gz", gt)
+    result = _cli(tmp_path / "p.nii.gz", tmp_path / "s[red]x.nii.gz", "--format", "table")
+    assert result.exit_code == 0, result.output
+    assert "s[red]x" in result.stdout

@@ -210,3 +210,45 @@ def test_h5_case(tmp_path: Path) -> None:
 def _save(path: Path, data: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(data, np.eye(4)), path)
     return path
+
+
+def test_label_with_a_trailing_singleton_dimension_is_3d(tmp_path: Path) -> None:
+    ref = read_image(_save(tmp_path / "img.nii.gz", np.zeros(SHAPE, np.float32)))
+    data = np.ones(SHAPE, np.uint8)[..., None]  # (X, Y, Z, 1), as some tools write masks
+    label = read_label(_save(tmp_path / "lab.nii.gz", data), ref)
+    assert label.array.shape == SHAPE
+    two = np.ones(SHAPE, np.uint8)[..., None].repeat(2, axis=3)
+    with pytest.raises(DataError, match=r"got 2 volumes .* \(file shape \(\d+, \d+, \d+, 2\)\)"):
+        read_label(_save(tmp_path / "two.nii.gz", two), ref)
+
+
+def test_headers_checked_without_reading_voxels(tmp_path: Path) -> None:
+    from crlnseg.io.readers import check_case_headers, check_label_header, read_header
+
+    image = _save(tmp_path / "img.nii.gz", np.zeros(SHAPE, np.float32))
+    head = read_header(image)
+    assert head.shape == SHAPE and head.geometry == read_image(image).geometry
+    stacked = check_case_headers([image, _save(tmp_path / "c1.nii.gz",
+                                               np.zeros(SHAPE, np.float32))])
+    assert stacked.shape == (2, *SHAPE)
+    with pytest.raises(DataError, match="channel shape"):
+        check_case_headers([image, _save(tmp_path / "c2.nii.gz", np.zeros((4, 4, 4), np.uint8))])
+    check_label_header(_save(tmp_path / "l.nii.gz", np.zeros((*SHAPE, 1), np.uint8)), stacked)
+    with pytest.raises(DataError, match="label shape"):
+        check_label_header(_save(tmp_path / "s.nii.gz", np.zeros((4, 4, 4), np.uint8)), stacked)
+    shifted = tmp_path / "g.nii.gz"
+    affine = np.eye(4)
+    affine[0, 3] = 0.5
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), affine), shifted)
+    with pytest.raises(DataError, match="label geometry"):
+        check_label_header(shifted, stacked)
+    noise = np.random.default_rng(0).random(SHAPE).astype(np.float32)  # does not compress
+    whole = gzip.compress(nib.Nifti1Image(noise, np.eye(4)).to_bytes())
+    truncated = tmp_path / "t.nii.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    assert read_header(truncated).shape == SHAPE  # the body is read (and refused) later
+    with pytest.raises(DataError, match="corrupt"):
+        read_image(truncated)
+    (tmp_path / "bad.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.nii.gz: unreadable"):
+        read_header(tmp_path / "bad.nii.gz")

@@ -274,3 +274,92 @@ def test_unwritable_output_folder(tmp_path, tiny_run):
                 "--device", "cpu"], "not writable")
     finally:
         locked.chmod(0o700)
+
+
+def test_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, tiny_run):
+    folder = tmp_path / "scans"
+    for i in range(2):
+        write_nifti(folder / f"case{i}.nii.gz", blob_image(seed=i)[0])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    run = ["-m", str(tiny_run), "--device", "cpu", "--overwrite"]
+    _fails(["predict", str(folder), "-o", str(folder), *run], "input files are never overwritten")
+    scan = folder / "case0.nii.gz"
+    _fails(["predict", str(scan), "-o", str(scan), *run], "input files are never overwritten")
+    # A folder OUTPUT holding the input: OUTPUT/case0.nii.gz is the input itself.
+    _fails(["predict", str(scan), "-o", str(folder), *run], "input files are never overwritten")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("names, text", [
+    (["p1_0000", "q9_0001"], "case 'q9' differs from 'p1'"),
+    (["p1_0000", "p1_0000"], "given twice"),
+    (["p1_0000", "p1_0002"], "channels [0, 2], expected 0..1"),
+    (["p1_0000", "p1"], "no channel suffix"),
+])
+def test_explicit_channel_files_are_checked_as_folder_discovery_does(tmp_path, names, text):
+    from crlnseg.predict import input_cases
+
+    image = blob_image()[0]
+    paths = [write_nifti(tmp_path / f"{name}.nii.gz", image) for name in names]
+    with pytest.raises(DataError, match=text.replace("[", r"\[").replace("]", r"\]")):
+        input_cases(paths)
+    # The same file under two names (a link) is the same file given twice.
+    (tmp_path / "p1_0001.nii.gz").unlink(missing_ok=True)
+    (tmp_path / "p1_0001.nii.gz").symlink_to(paths[0])
+    with pytest.raises(DataError, match="given twice"):
+        input_cases([paths[0], tmp_path / "p1_0001.nii.gz"])
+
+
+def test_explicit_channel_files_in_any_order(tmp_path):
+    from crlnseg.predict import input_cases
+
+    image = blob_image()[0]
+    paths = [write_nifti(tmp_path / f"p1_{c:04d}.nii.gz", image) for c in (1, 0)]
+    (case,), from_folder = input_cases(paths)
+    assert case.id == "p1" and case.images == paths[::-1] and not from_folder
+
+
+def test_bad_case_found_before_any_mask_is_written(tmp_path, tiny_run):
+    folder = tmp_path / "scans"
+    write_nifti(folder / "a.nii.gz", blob_image()[0])
+    write_nifti(folder / "b.nii.gz", blob_image()[0][..., None].repeat(20, axis=3))  # 20 volumes
+    out = tmp_path / "masks"
+    _fails(["predict", str(folder), "-o", str(out), "-m", str(tiny_run), "--device", "cpu"],
+           "b.nii.gz: 4D image with 20 volumes")
+    assert not out.exists()
+
+
+def test_corrupt_body_mid_run_says_what_was_written(tmp_path, tiny_run):
+    folder = tmp_path / "scans"
+    for name in ("a", "b"):
+        write_nifti(folder / f"{name}.nii.gz", blob_image()[0])
+    whole = (folder / "b.nii.gz").read_bytes()
+    (folder / "b.nii.gz").write_bytes(whole[: len(whole) // 2])  # the header still reads
+    out = tmp_path / "masks"
+    args = ["predict", str(folder), "-o", str(out), "-m", str(tiny_run), "--device", "cpu"]
+    _fails(args, "1 case(s) before it were already written")
+    _fails(args, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
+
+
+def test_output_with_a_non_image_extension_is_refused(tmp_path, tiny_run):
+    src = write_nifti(tmp_path / "scan.nii.gz", blob_image()[0])
+    run = ["-m", str(tiny_run), "--device", "cpu"]
+    _fails(["predict", str(src), "-o", str(tmp_path / "a.png"), *run], "not an image extension")
+    assert not (tmp_path / "a.png").exists()
+    (tmp_path / "masks.v1").mkdir()  # an existing folder with a dot is a folder
+    result = runner.invoke(app, ["predict", str(src), "-o", str(tmp_path / "masks.v1"), *run])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "masks.v1" / "scan.nii.gz").is_file()
+
+
+def test_folder_output_keeps_the_input_extension(tmp_path, tiny_run):
+    from crlnseg.cli.predict import HELP
+
+    image = sitk.GetImageFromArray(blob_image()[0].transpose(2, 1, 0))
+    sitk.WriteImage(image, str(tmp_path / "img.mha"))
+    result = runner.invoke(app, ["predict", str(tmp_path / "img.mha"), "-o", str(tmp_path / "o"),
+                                 "-m", str(tiny_run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["img.mha"]
+    assert "<ID>.nii.gz" not in HELP and "input's extension" in HELP

@@ -121,6 +121,68 @@ def test_rectify_single_image_without_labels(tmp_path, tiny_run):
         [f"one_{k}.nii.gz" for k in KINDS] + ["summary.csv", "summary.json"])
     header = (out / "summary.csv").read_text().splitlines()[0]
     assert header.split(",") == COLUMNS
-    missing = runner.invoke(app, ["rectify", str(src), "-o", str(tmp_path / "p"), "-m",
-                                  str(tiny_run), "--labels", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 2 and "no label for case one" in missing.stderr
+    base = ["rectify", str(src), "-o", str(tmp_path / "p"), "-m", str(tiny_run), "--labels"]
+    missing = runner.invoke(app, [*base, str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "--labels" in missing.stderr
+    assert "nowhere: no such folder" in missing.stderr
+    (tmp_path / "gt").mkdir()
+    unlabelled = runner.invoke(app, [*base, str(tmp_path / "gt")])
+    assert unlabelled.exit_code == 2 and "no label for case one" in unlabelled.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def _rectify_fails(args: list[str], text: str) -> None:
+    result = runner.invoke(app, ["rectify", *args, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_rectify_labels_found_whatever_the_extension_case(tmp_path, tiny_run):
+    image, label = blob_image(seed=1)
+    write_nifti(tmp_path / "images" / "a.nii.gz", image)
+    write_nifti(tmp_path / "gt" / "a.NII.GZ", label)  # e.g. copied from a FAT/Windows share
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["rectify", str(tmp_path / "images"), "-o", str(out), "-m",
+                                 str(tiny_run), "--labels", str(tmp_path / "gt"),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "dice_raw" in (out / "summary.csv").read_text()
+
+
+def test_rectify_output_that_is_a_file_or_an_input_is_refused(tmp_path, tiny_run):
+    image, label = blob_image(seed=1)
+    src = write_nifti(tmp_path / "images" / "a.nii.gz", image)
+    write_nifti(tmp_path / "gt" / "a.nii.gz", label)
+    run = ["-m", str(tiny_run)]
+    _rectify_fails([str(src), "-o", str(src), *run], "is a file, not a folder")
+    # OUT/a_rectified.nii.gz would be... the label itself: never replaced, even with --overwrite.
+    gt = tmp_path / "gt" / "a.nii.gz"
+    link = tmp_path / "gt" / "a_rectified.nii.gz"
+    link.symlink_to(gt)
+    before = gt.read_bytes()
+    _rectify_fails([str(src), "-o", str(tmp_path / "gt"), *run, "--labels", str(tmp_path / "gt"),
+                    "--overwrite"], "input files are never overwritten")
+    assert gt.read_bytes() == before and link.is_symlink()
+
+
+def test_bad_label_is_found_before_any_output(tmp_path, tiny_run):
+    for i, name in enumerate(["a", "b"]):
+        image, label = blob_image(seed=i)
+        write_nifti(tmp_path / "images" / f"{name}.nii.gz", image)
+        write_nifti(tmp_path / "gt" / f"{name}.nii.gz", label if name == "a" else label[:-2])
+    out = tmp_path / "o"
+    _rectify_fails([str(tmp_path / "images"), "-o", str(out), "-m", str(tiny_run),
+                    "--labels", str(tmp_path / "gt")], "b.nii.gz: label shape")
+    assert not out.exists()
+
+
+def test_corrupt_body_mid_run_says_what_was_written(tmp_path, tiny_run):
+    for i, name in enumerate(["a", "b"]):
+        write_nifti(tmp_path / "images" / f"{name}.nii.gz", blob_image(seed=i)[0])
+    whole = (tmp_path / "images" / "b.nii.gz").read_bytes()
+    (tmp_path / "images" / "b.nii.gz").write_bytes(whole[: len(whole) // 2])  # header intact
+    out = tmp_path / "o"
+    _rectify_fails([str(tmp_path / "images"), "-o", str(out), "-m", str(tiny_run)],
+                   "1 case(s) before it were already written")

@@ -47,15 +47,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from pydantic import ValidationError
 
-        from crlnseg.errors import ConfigError, OutputExistsError
-        from crlnseg.evaluate import EvaluateSettings, write_text
-        from crlnseg.evaluate import evaluate as run_evaluate
+        from crlnseg.errors import ConfigError
+        from crlnseg.evaluate import (
+            EvaluateSettings,
+            check_output,
+            evaluate_pairs,
+            plan_pairs,
+            write_text,
+        )
 
         fmt = fmt or _default_format(output)
         if fmt not in FORMATS:
             raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-        if output is not None and output.exists() and not overwrite:
-            raise OutputExistsError(f"{output}: exists (use --overwrite to replace it)")
         try:
             settings = EvaluateSettings(classes=_parse_classes(classes), voxel_units=voxel_units,
                                         bootstrap=bootstrap, seed=seed, workers=workers,
@@ -64,7 +67,10 @@ def register(app: typer.Typer) -> None:
             first = err.errors()[0]
             name = str(first['loc'][0]).replace('_', '-')
             raise ConfigError(f"--{name}: {first['msg']}") from err
-        report = run_evaluate(pred, gt, settings)
+        pairs = plan_pairs(pred, gt, allow_missing)
+        if output is not None:  # before the metrics, which may take long
+            check_output(output, pairs, overwrite)
+        report = evaluate_pairs(pairs, settings)
         if output is None:
             sys.stdout.write(report.render(fmt, color=sys.stdout.isatty()))
         else:

@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 HELP = "\n\n".join([
     "Segment scans with a trained run (the EMA teacher of its last checkpoint).",
-    "INPUT is one image, the channel files of one case (<ID>_0000.nii.gz, <ID>_0001.nii.gz...), "
-    "or a folder of cases; OUTPUT is then a mask file (or a folder receiving <ID>.nii.gz), or a "
-    "folder with one mask per case named like the input case.",
+    "INPUT is one image, the channel files of one case (<ID>_0000.nii.gz, <ID>_0001.nii.gz...: "
+    "one ID, channels 0..C-1), or a folder of cases; OUTPUT is then a mask file (or a folder "
+    "receiving <ID><ext>, with the input's extension: img.mha gives img.mha; HDF5 gives .nii.gz), "
+    "or a folder with one mask per case, named <ID><ext> likewise.",
     "Output: softmax(f + (1 - mu) M) of the sliding window, argmax, on the input's exact grid. "
     "stdout: one tab-separated line per case: case, seconds, <class>=<voxels> per class.",
 ])

@@ -11,16 +11,27 @@ Layouts, detected in this order:
     ``CaseFiles.label`` is the ``.h5`` path itself (see :attr:`CaseFiles.label_in_image`).
 
 Case IDs come from file names without extension and channel suffix; results are sorted by ID.
+A symbolic link whose target is missing is an error, never skipped: splits are often folders of
+links, and a silently smaller split would go unnoticed.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from crlnseg.errors import DataError
-from crlnseg.io.paths import channel_index, is_h5_file, is_image_file, split_suffix, strip_channel
+from crlnseg.io.paths import (
+    H5_SUFFIXES,
+    IMAGE_SUFFIXES,
+    channel_index,
+    is_h5_file,
+    is_image_file,
+    split_suffix,
+    strip_channel,
+)
 
 __all__ = ["CaseFiles", "discover_cases", "discover_single", "h5_has_label"]
 
@@ -37,19 +48,24 @@ class CaseFiles:
         return self.label is not None and self.label in self.images
 
 
-def discover_cases(folder: Path, require_labels: bool = False) -> list[CaseFiles]:
-    """All cases under ``folder`` (sorted by ID); :class:`DataError` if none or inconsistent."""
+def discover_cases(folder: Path, require_labels: bool = False,
+                   channels: bool = True) -> list[CaseFiles]:
+    """All cases under ``folder`` (sorted by ID); :class:`DataError` if none or inconsistent.
+
+    ``channels=False`` reads no channel suffix outside nnU-Net folders (each file is one case):
+    masks have no channels, and ``patient_0001.nii.gz`` is then case ``patient_0001``.
+    """
     folder = Path(folder)
     if folder.is_file():
         cases = [discover_single(folder)]
     elif not folder.is_dir():
-        raise DataError(f"{folder}: no such file or folder")
+        raise DataError(f"{folder}: {_missing(folder)}")
     elif (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir():
         cases = _nnunet(folder)
     elif (folder / "images").is_dir():
-        cases = _paired(folder / "images", folder / "labels")
+        cases = _paired(folder / "images", folder / "labels", channels)
     else:
-        cases = _flat(folder) or _h5_folders(folder)
+        cases = _flat(folder, channels) or _h5_folders(folder)
     if not cases:
         raise DataError(f"{folder}: no cases found (expected images/ + labels/, imagesTr/, "
                         "image files, or <ID>/mri_norm2.h5 folders)")
@@ -65,7 +81,7 @@ def discover_single(path: Path) -> CaseFiles:
     """One image file (or one HDF5 case file) as a case; the ID comes from its name."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {_missing(path)}")
     if is_h5_file(path):
         return _h5_case(path)
     if not is_image_file(path):
@@ -91,8 +107,24 @@ def _h5_case(path: Path) -> CaseFiles:
     return CaseFiles(id=case_id, images=[path], label=path if h5_has_label(path) else None)
 
 
+def _missing(path: Path) -> str:
+    if path.is_symlink():
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return "no such file or folder"
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The visible entries of ``folder``; DataError on a dangling link that may be a case."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    for path in entries:
+        suffix = split_suffix(path)[1].lower()
+        if (suffix in IMAGE_SUFFIXES + H5_SUFFIXES or not suffix) and not path.exists():
+            raise DataError(f"{path}: {_missing(path)}")
+    return entries
+
+
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
+    return [p for p in _entries(folder) if is_image_file(p)] if folder.is_dir() else []
 
 
 def _group_images(files: list[Path], split_channels: bool) -> dict[str, list[Path]]:
@@ -130,9 +162,13 @@ def _match_labels(images: dict[str, list[Path]], labels: list[Path]) -> dict[str
     return matched
 
 
-def _paired(images_dir: Path, labels_dir: Path) -> list[CaseFiles]:
+def _has_channels(files: list[Path]) -> bool:
+    return bool(files) and all(channel_index(split_suffix(p)[0]) is not None for p in files)
+
+
+def _paired(images_dir: Path, labels_dir: Path, channels: bool = True) -> list[CaseFiles]:
     files = _files(images_dir)
-    split = bool(files) and all(channel_index(split_suffix(p)[0]) is not None for p in files)
+    split = channels and _has_channels(files)
     images = _group_images(files, split_channels=split)
     labels = _match_labels(images, _files(labels_dir))
     return [CaseFiles(cid, paths, labels.get(cid)) for cid, paths in images.items()]
@@ -149,19 +185,18 @@ def _nnunet(folder: Path) -> list[CaseFiles]:
     return cases + [CaseFiles(cid, paths, None) for cid, paths in test.items()]
 
 
-def _flat(folder: Path) -> list[CaseFiles]:
+def _flat(folder: Path, channels: bool = True) -> list[CaseFiles]:
     files = _files(folder)
-    split = bool(files) and all(channel_index(split_suffix(p)[0]) is not None for p in files)
+    split = channels and _has_channels(files)
     cases = [CaseFiles(cid, paths) for cid, paths in _group_images(files, split).items()]
-    cases += [_h5_case(p) for p in sorted(folder.iterdir())
-              if p.is_file() and is_h5_file(p) and not p.name.startswith(".")]
+    cases += [_h5_case(p) for p in _entries(folder) if p.is_file() and is_h5_file(p)]
     return _unique(cases)
 
 
 def _h5_folders(folder: Path) -> list[CaseFiles]:
     cases = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found = sorted(p for p in sub.iterdir() if p.is_file() and is_h5_file(p))
+    for sub in (p for p in _entries(folder) if p.is_dir()):
+        found = [p for p in _entries(sub) if p.is_file() and is_h5_file(p)]
         if len(found) > 1:
             raise DataError(f"{sub}: {len(found)} HDF5 files in one case folder, expected one")
         if found:

@@ -10,19 +10,33 @@ Every problem is a one-line :class:`DataError` ``"<path>: <problem>"``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from crlnseg.errors import DataError
 from crlnseg.io.paths import is_h5_file, is_nifti
-from crlnseg.io.volume import Geometry, Volume
+from crlnseg.io.volume import GEOMETRY_TOL, Geometry, Volume
 
-__all__ = ["read_image", "read_h5_case", "read_case_images", "read_label", "MAX_CHANNELS",
+__all__ = ["read_image", "read_h5_case", "read_case_images", "read_label", "read_header",
+           "check_case_headers", "check_label_header", "label_array", "Header", "MAX_CHANNELS",
            "GEOMETRY_TOL"]
 
 MAX_CHANNELS = 16  # a 4D file with more volumes is a time series, not a stack of modalities
-GEOMETRY_TOL = 1e-3  # mm / direction cosine; headers written by different tools round differently
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file's header says, without its voxels: shape as :func:`read_image` would return."""
+
+    path: Path
+    shape: tuple[int, ...]  # (X, Y, Z) or (C, X, Y, Z)
+    geometry: Geometry
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(self.shape[-3:])  # type: ignore[return-value]
 
 
 def read_image(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Volume:
@@ -91,21 +105,124 @@ def read_case_images(paths: Sequence[Path], h5_spacing: Sequence[float] = (1.0, 
     return Volume(array=array, geometry=first.geometry, path=first.path, header=first.header)
 
 
+def read_header(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Header:
+    """Shape and geometry from the header alone (fast): checks a file before any output exists.
+
+    Voxel data are not read, so a truncated or corrupt body still fails later, in
+    :func:`read_image`.
+    """
+    path = Path(path)
+    if is_h5_file(path):
+        return _h5_header(path, h5_spacing)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise DataError(f"{path}: unreadable or corrupt image ({_sitk_reason(err)})") from None
+    dim, components = reader.GetDimension(), reader.GetNumberOfComponents()
+    size = tuple(int(n) for n in reader.GetSize())
+    if dim != 3 and not (dim == 4 and components == 1):
+        kind = f"{dim}D {'vector ' * (components > 1)}image"
+        raise DataError(f"{path}: {kind} of size {size}, expected 3D")
+    shape = ((components, *size) if components > 1
+             else (size[3], *size[:3]) if dim == 4 else size)
+    _check_shape(shape, path)
+    direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3]
+    geometry = Geometry(spacing=tuple(float(x) for x in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
+                        origin=tuple(float(x) for x in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
+                        direction=tuple(float(d) + 0.0 for d in direction.ravel()))
+    return Header(path, shape, geometry)
+
+
+def check_case_headers(paths: Sequence[Path], h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)
+                       ) -> Header:
+    """The header-level checks of :func:`read_case_images`; the case's stacked header."""
+    if not paths:
+        raise DataError("no image files given")
+    headers = [read_header(Path(p), h5_spacing) for p in paths]
+    first = headers[0]
+    if len(headers) == 1:
+        shape = first.shape if len(first.shape) == 4 else (1, *first.shape)
+        return Header(first.path, shape, first.geometry)
+    for h in headers:
+        if len(h.shape) != 3:
+            raise DataError(f"{h.path}: a channel file must be 3D, got shape {h.shape}")
+        if h.shape != first.shape:
+            raise DataError(f"{h.path}: channel shape {h.shape} != {first.shape} of "
+                            f"{first.path.name}")
+        if not h.geometry.close_to(first.geometry, GEOMETRY_TOL):
+            raise DataError(f"{h.path}: channel geometry differs from {first.path.name} "
+                            f"({_describe(h.geometry)} vs {_describe(first.geometry)})")
+    return Header(first.path, (len(headers), *first.shape), first.geometry)
+
+
+def check_label_header(path: Path, reference: Header,
+                       h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+    """The header-level checks of :func:`read_label` (3D, shape and geometry of ``reference``)."""
+    header = read_header(Path(path), h5_spacing)
+    shape = header.shape[1:] if len(header.shape) == 4 and header.shape[0] == 1 else header.shape
+    _check_label_shape(shape, header.path)
+    _check_label_grid(shape, header.geometry, header.path, reference.spatial_shape,
+                      reference.geometry)
+
+
+def label_array(array: np.ndarray, where: Path | None) -> np.ndarray:
+    """A label map as ``(X, Y, Z)``: a single-volume 4D file (X, Y, Z, 1) is a 3D label."""
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    _check_label_shape(array.shape, where)
+    return array
+
+
+def _check_label_shape(shape: tuple[int, ...], where: Path | None) -> None:
+    if len(shape) == 4:  # (C, X, Y, Z) here is (X, Y, Z, C) in the file: report the file's order
+        raise DataError(f"{where}: label must be 3D, got {shape[0]} volumes of "
+                        f"{tuple(shape[1:])} (file shape {(*shape[1:], shape[0])})")
+    if len(shape) != 3:
+        raise DataError(f"{where}: label must be 3D, got shape {tuple(shape)}")
+
+
+def _check_label_grid(shape: tuple[int, ...], geometry: Geometry, where: Path | None,
+                      ref_shape: tuple[int, ...], ref_geometry: Geometry) -> None:
+    if tuple(shape) != tuple(ref_shape):
+        raise DataError(f"{where}: label shape {tuple(shape)} != image shape {tuple(ref_shape)}")
+    if not geometry.close_to(ref_geometry, GEOMETRY_TOL):
+        raise DataError(f"{where}: label geometry ({_describe(geometry)}) != image "
+                        f"geometry ({_describe(ref_geometry)})")
+
+
+def _h5_header(path: Path, spacing: Sequence[float]) -> Header:
+    import h5py
+
+    geometry = Geometry(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise DataError(f"{path}: no 'image' dataset (found {sorted(f)})")
+            shape = tuple(int(n) for n in f["image"].shape)
+            label = tuple(int(n) for n in f["label"].shape) if "label" in f else None
+    except OSError as err:
+        raise DataError(f"{path}: unreadable HDF5 file ({_first_line(err)})") from None
+    _check_shape(shape, path)
+    if label is not None and len(label) != 3:
+        raise DataError(f"{path}: label has {len(label)} dimensions {label}, expected 3")
+    return Header(path, shape, geometry)
+
+
 def read_label(source: Path | Volume, reference: Volume | None = None,
                h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Volume:
     """A label map as uint8 ``(X, Y, Z)``: integer, non-negative, <= 255, matching ``reference``."""
     vol = source if isinstance(source, Volume) else read_image(Path(source), h5_spacing)
     where = vol.path
-    arr = vol.array
-    if arr.ndim != 3:
-        raise DataError(f"{where}: label must be 3D, got shape {arr.shape}")
+    arr = label_array(vol.array, where)
     if reference is not None:
-        if arr.shape != reference.spatial_shape:
-            raise DataError(f"{where}: label shape {arr.shape} != image shape "
-                            f"{reference.spatial_shape}")
-        if not vol.geometry.close_to(reference.geometry, GEOMETRY_TOL):
-            raise DataError(f"{where}: label geometry ({_describe(vol.geometry)}) != image "
-                            f"geometry ({_describe(reference.geometry)})")
+        _check_label_grid(arr.shape, vol.geometry, where, reference.spatial_shape,
+                          reference.geometry)
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise DataError(f"{where}: label has NaN/Inf values")
@@ -177,14 +294,19 @@ def _nifti_voxels(path: Path) -> np.ndarray:
 
 
 def _check_dims(array: np.ndarray, path: Path) -> None:
+    _check_shape(array.shape, path)
+
+
+def _check_shape(shape: tuple[int, ...], path: Path) -> None:
     """3D, or 4D with a channel axis first of at most MAX_CHANNELS; no flat (2D) volume."""
-    if array.ndim == 4 and array.shape[0] > MAX_CHANNELS:
-        raise DataError(f"{path}: 4D image with {array.shape[0]} volumes is not a channel stack "
+    shape = tuple(shape)
+    if len(shape) == 4 and shape[0] > MAX_CHANNELS:
+        raise DataError(f"{path}: 4D image with {shape[0]} volumes is not a channel stack "
                         f"(at most {MAX_CHANNELS} channels), expected 3D")
-    if array.ndim not in (3, 4):
-        raise DataError(f"{path}: {array.ndim}D array of shape {array.shape}, expected 3D")
-    if min(array.shape[-3:]) < 2:
-        raise DataError(f"{path}: 2D image (shape {array.shape[-3:]}), expected a 3D volume")
+    if len(shape) not in (3, 4):
+        raise DataError(f"{path}: {len(shape)}D array of shape {shape}, expected 3D")
+    if min(shape[-3:]) < 2:
+        raise DataError(f"{path}: 2D image (shape {shape[-3:]}), expected a 3D volume")
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:

@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Geometry", "Volume"]
+__all__ = ["Geometry", "Volume", "GEOMETRY_TOL"]
+
+# The one tolerance of every geometry comparison (prepare, predict, rectify, evaluate), in mm /
+# direction cosine: headers written by different tools round differently.
+GEOMETRY_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class Geometry:
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
-    def close_to(self, other: Geometry, tol: float = 1e-4) -> bool:
+    def close_to(self, other: Geometry, tol: float = GEOMETRY_TOL) -> bool:
         """Same spacing, origin and direction within ``tol`` (absolute)."""
         a = np.r_[self.spacing, self.origin, self.direction]
         b = np.r_[other.spacing, other.origin, other.direction]
