@@ -56,7 +56,8 @@ def validate(model: Any, manifest: Any, settings: Any, device: torch.device, ran
              world_size: int = 1, iteration: int | None = None) -> Validation:
     """Dice of ``model`` (eval mode) on a prepared manifest for each blending / post-processing
     candidate (:func:`crlnseg.inference.choice.candidates`: the built-in default first), from one
-    pass of the network per case."""
+    pass of the network per case. Memory: one blended ``(C, X, Y, Z)`` float32 volume per
+    candidate sigma (two), on the CPU."""
     from crlnseg.inference.choice import candidates, choose
     from crlnseg.inference.postprocess import keep_largest_component
     from crlnseg.inference.predictor import inference_autocast
