@@ -15,8 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from crlnseg.console import track
-from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.errors import DataError
 from crlnseg.io.paths import split_suffix
 from crlnseg.metrics import case_metrics
 from crlnseg.settings import Strict
@@ -304,20 +302,11 @@ def _summary_cell(s: dict) -> str:
 
 
 def write_text(path: Path, text: str, overwrite: bool = False) -> None:
-    """Write atomically (temp file in the same folder, then rename); refuse to overwrite."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: exists (use --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise OutputExistsError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (:func:`crlnseg.io.writers.write_atomic`); refuse to overwrite."""
+    from crlnseg.io.writers import write_atomic
+
+    write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""),
+                 overwrite)
 
 
 # --- I/O -----------------------------------------------------------------------------------------

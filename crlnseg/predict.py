@@ -13,7 +13,6 @@ writable); each file is written atomically. One summary line per case goes to st
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ import numpy as np
 
 from crlnseg.console import log
 from crlnseg.data.discovery import CaseFiles, discover_cases, discover_single
-from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.errors import DataError
 from crlnseg.io.paths import IMAGE_SUFFIXES, channel_index, split_suffix, strip_channel
-from crlnseg.io.writers import write_atomic
+from crlnseg.io.writers import check_outputs, make_folder, write_atomic
 from crlnseg.settings import PredictSettings
 
 __all__ = ["CaseResult", "input_cases", "plan_cases", "check_outputs", "predict_paths",
@@ -79,24 +78,6 @@ def plan_cases(inputs: list[Path], output: Path) -> list[tuple[CaseFiles, Path]]
     return [(case, target)]
 
 
-def _writable_folder(folder: Path) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"{folder}: output folder is not writable")
-
-
-def check_outputs(paths: list[Path], overwrite: bool) -> None:
-    """Refuse before writing anything: existing outputs (without overwrite), unwritable folders."""
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise OutputExistsError(f"{existing[0]}: output exists{more}; use --overwrite")
-    for folder in sorted({p.parent for p in paths}):
-        _writable_folder(folder)
-
-
 def probabilities_path(mask_path: Path) -> Path:
     return mask_path.with_name(f"{split_suffix(mask_path)[0]}_probabilities.npz")
 
@@ -141,7 +122,7 @@ def predict_paths(inputs: list[Path], output: Path, model: Path,
         log(f"[{i}/{len(plan)}] {case.id}")
         volume = read_case_images(case.images, predictor.prepare.h5_spacing)
         pred = predictor.predict_volume(volume, save_probabilities=probabilities)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(target.parent)
         write_image(pred.mask, volume, target, overwrite=overwrite)
         if pred.probabilities is not None:
             save_probabilities(pred.probabilities, predictor.classes, probabilities_path(target),

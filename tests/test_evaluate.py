@@ -229,3 +229,45 @@ def test_all_empty_ground_truth_needs_classes(tmp_path: Path) -> None:
     report = evaluate(tmp_path / "p.nii.gz", tmp_path / "g.nii.gz", EvaluateSettings(classes=[1]))
     assert report.rows == [{"case": "g", "class": 1, "dice": 1.0, "jaccard": 1.0, "hd95": 0.0,
                             "asd": 0.0}]
+
+
+def test_output_folder_in_the_way_is_refused_with_or_without_overwrite(folders,
+                                                                        tmp_path: Path) -> None:
+    pred_dir, gt_dir, _ = folders
+    (tmp_path / "r.json").mkdir()
+    for extra in ([], ["--overwrite"]):
+        result = _cli(pred_dir, gt_dir, "-o", tmp_path / "r.json", *extra)
+        _one_line_exit_2(result, str(tmp_path / "r.json"), "is a folder")
+
+
+def test_unwritable_output_exit_2(folders, tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    from crlnseg.io import writers
+
+    pred_dir, gt_dir, _ = folders
+    (tmp_path / "plain").write_text("a file")
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "-o", tmp_path / "plain" / "r.json"),
+                     str(tmp_path / "plain" / "r.json"), "cannot write")
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+
+    monkeypatch.setattr(writers.os, "replace", read_only)
+    target = tmp_path / "r.json"
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "-o", target),
+                     f"{target}: cannot write (Read-only file system)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt", "plain", "pred"]  # no temporary
+
+
+def test_report_file_follows_the_umask(folders, tmp_path: Path) -> None:
+    import os
+
+    pred_dir, gt_dir, _ = folders
+    old = os.umask(0o022)
+    try:
+        assert _cli(pred_dir, gt_dir, "-o", tmp_path / "r.json").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600

@@ -308,3 +308,12 @@ def test_last_validation_ignores_lines_of_an_earlier_session():
     assert last_validation(history, 0) == (0.6, 0.65)
     assert last_validation(history, 4) == (None, None)  # resumed at 4, no validation since
     assert last_validation(history[:2], 0) == (0.5, None)  # a log from before val_dice_largest
+
+
+def test_unwritable_run_folder_exit_2(data, tmp_path):
+    (tmp_path / "plain").write_text("x")
+    out = tmp_path / "plain" / "run"
+    code, output = _run(_base(data, out, iterations=1))
+    assert code == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: cannot write (Not a directory)"], output

@@ -47,15 +47,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from pydantic import ValidationError
 
-        from crlnseg.errors import ConfigError, OutputExistsError
+        from crlnseg.errors import ConfigError
         from crlnseg.evaluate import EvaluateSettings, write_text
         from crlnseg.evaluate import evaluate as run_evaluate
+        from crlnseg.io.writers import check_outputs
 
         fmt = fmt or _default_format(output)
         if fmt not in FORMATS:
             raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-        if output is not None and output.exists() and not overwrite:
-            raise OutputExistsError(f"{output}: exists (use --overwrite to replace it)")
+        if output is not None:  # refused before the (possibly long) computation
+            check_outputs([output], overwrite)
         try:
             settings = EvaluateSettings(classes=_parse_classes(classes), voxel_units=voxel_units,
                                         bootstrap=bootstrap, seed=seed, workers=workers,
