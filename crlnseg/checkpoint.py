@@ -56,16 +56,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    from crlnseg.io.writers import make_folder, write_atomic
+
+    def save_synced(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            os.fsync(handle.fileno())  # a crash right after the rename keeps a whole checkpoint
+
+    make_folder(path.parent)
+    write_atomic(path, save_synced, overwrite=True)
 
 
 def save_checkpoint(path: Path, state: Any, settings: RunSettings, meta: dict) -> None:
@@ -80,12 +80,9 @@ def save_checkpoint(path: Path, state: Any, settings: RunSettings, meta: dict) -
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Atomic copy (periodic ``iter_<N>.pt`` and ``best.pt`` from ``last.pt``)."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from crlnseg.io.writers import write_atomic
+
+    write_atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp), overwrite=True)
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:

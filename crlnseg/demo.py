@@ -28,6 +28,7 @@ from typing import Any
 
 from crlnseg.console import log
 from crlnseg.errors import OutputExistsError
+from crlnseg.io.writers import make_folder
 
 __all__ = ["DemoPlan", "FULL", "QUICK", "ARTEFACTS", "DemoResult", "check_output", "run_demo"]
 
@@ -79,7 +80,7 @@ def check_output(out: Path, overwrite: bool) -> None:
                 shutil.rmtree(path)
             elif path.exists() or path.is_symlink():
                 path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
 
 
 @contextlib.contextmanager

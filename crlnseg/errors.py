@@ -7,7 +7,7 @@ Library code raises these with a message that names the file or case and the pro
 from __future__ import annotations
 
 __all__ = ["CrlnsegError", "DataError", "ConfigError", "OutputExistsError", "CheckpointError",
-           "RunFailure"]
+           "RunFailure", "Terminated"]
 
 
 class CrlnsegError(Exception):
@@ -44,3 +44,8 @@ class RunFailure(CrlnsegError):
     """A runtime failure such as running out of memory (exit 1)."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (a subclass, so every cleanup that
+    handles an interrupt handles it too); the CLI exits 143 (128 + SIGTERM)."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +205,7 @@ def evaluate(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
 def check_output(output: Path, pairs: list[Pair], overwrite: bool) -> None:
     """Refuse the report's path before any metric is computed: an input mask (even with
     overwrite), an existing file without overwrite, a folder, or a missing folder."""
+    from crlnseg.io.writers import check_outputs
     from crlnseg.predict import check_not_inputs
 
     output = Path(output)
@@ -215,8 +214,9 @@ def check_output(output: Path, pairs: list[Pair], overwrite: bool) -> None:
         raise OutputExistsError(f"{output}: is a folder; -o names the report file")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output}: exists (use --overwrite to replace it)")
-    if not output.parent.is_dir():
+    if not output.parent.exists():
         raise OutputExistsError(f"{output}: folder {output.parent} does not exist")
+    check_outputs([output], overwrite=True)  # a file in the way, unwritable: as every writer says
 
 
 # --- summary and report -------------------------------------------------------------------------
@@ -336,20 +336,11 @@ def _summary_cell(s: dict) -> str:
 
 
 def write_text(path: Path, text: str, overwrite: bool = False) -> None:
-    """Write atomically (temp file in the same folder, then rename); refuse to overwrite."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: exists (use --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise OutputExistsError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (:func:`crlnseg.io.writers.write_atomic`); refuse to overwrite."""
+    from crlnseg.io.writers import write_atomic
+
+    write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""),
+                 overwrite)
 
 
 # --- I/O -----------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ Matplotlib with the Agg backend (no display needed); written atomically.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ def plot_training(lines: list[dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from crlnseg.io.writers import write_atomic
+
     panels = [(t, [k for k in keys if _series(lines, k)[0]], log) for t, keys, log in PANELS]
     panels = [p for p in panels if p[1]]
     if not panels:
@@ -51,8 +52,9 @@ def plot_training(lines: list[dict[str, Any]], path: Path) -> bool:
         ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("iteration")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100),
+                     overwrite=True)
+    finally:
+        plt.close(fig)
     return True

@@ -28,7 +28,7 @@ from crlnseg.data.discovery import CaseFiles, discover_cases, discover_single
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import IMAGE_SUFFIXES, channel_index, split_suffix
 from crlnseg.io.readers import Header
-from crlnseg.io.writers import write_atomic
+from crlnseg.io.writers import check_outputs, make_folder, write_atomic
 from crlnseg.settings import PredictSettings
 
 __all__ = ["CaseResult", "input_cases", "plan_cases", "check_outputs", "check_not_inputs",
@@ -133,27 +133,6 @@ def plan_cases(inputs: list[Path], output: Path) -> list[tuple[CaseFiles, Path]]
     return [(case, target)]
 
 
-def _writable_folder(folder: Path) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OutputExistsError(f"{folder}: output folder is not writable ({probe} is a file, "
-                                "not a folder)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"{folder}: output folder is not writable")
-
-
-def check_outputs(paths: list[Path], overwrite: bool) -> None:
-    """Refuse before writing anything: existing outputs (without overwrite), unwritable folders."""
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise OutputExistsError(f"{existing[0]}: output exists{more}; use --overwrite")
-    for folder in sorted({p.parent for p in paths}):
-        _writable_folder(folder)
-
-
 def check_headers(cases: list[CaseFiles], h5_spacing: tuple[float, float, float]
                   ) -> dict[str, Header]:
     """Every case's header-level checks, so that bad input stops the run before any output."""
@@ -224,7 +203,7 @@ def predict_paths(inputs: list[Path], output: Path, model: Path,
         except DataError as err:  # a body corrupt behind a sound header
             raise written_so_far(err, i - 1, Path(output)) from None
         pred = predictor.predict_volume(volume, save_probabilities=probabilities)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(target.parent)
         write_image(pred.mask, volume, target, overwrite=overwrite)
         if pred.probabilities is not None:
             save_probabilities(pred.probabilities, predictor.classes, probabilities_path(target),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -35,6 +34,7 @@ from crlnseg.data.manifest import (
 from crlnseg.data.preprocessing import preprocess
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io import Volume, read_case_images, read_h5_case, read_label
+from crlnseg.io.writers import output_errors
 from crlnseg.settings import PrepareSettings
 
 __all__ = ["prepare_dataset", "load_case", "prepare_case"]
@@ -57,9 +57,11 @@ def prepare_dataset(source: Path, out: Path, settings: PrepareSettings, workers:
         if not manifest.failed:
             manifest._skipped = len(reused)
             return manifest
-    created = _make_parents(out.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with output_errors(out):
+        created = _make_parents(out.parent)
+    staging: Path | None = None
     try:
+        staging = _make_staging(out)
         (staging / "cases").mkdir()
         for record in reused:
             _link_case(record, out, staging)
@@ -68,9 +70,11 @@ def prepare_dataset(source: Path, out: Path, settings: PrepareSettings, workers:
             raise DataError(f"{source}: no case could be prepared; first error: {failed[0][1]}")
         manifest = _build_manifest(source, settings, records + reused, failed)
         save_manifest(manifest, staging)
-        _replace(staging, out)
+        with output_errors(out):
+            _replace(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for folder in reversed(created):
             _rmdir_quiet(folder)
         raise
@@ -233,6 +237,15 @@ def _link_case(record: CaseRecord, out: Path, staging: Path) -> None:
             shutil.copy2(out / name, staging / name)
 
 
+def _make_staging(out: Path) -> Path:
+    """The hidden staging folder next to ``out``: created by ``mkdir``, not ``mkdtemp``, so its
+    mode follows the umask like any folder the user creates (it becomes ``out``)."""
+    staging = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    with output_errors(out):
+        staging.mkdir()
+    return staging
+
+
 def _replace(staging: Path, out: Path) -> None:
     """Put the finished staging folder at ``out`` (the old cache is removed only afterwards)."""
     if not out.exists():
@@ -251,9 +264,16 @@ def _replace(staging: Path, out: Path) -> None:
 def _make_parents(folder: Path) -> list[Path]:
     """Create missing parent folders; returns those created (removed again on failure)."""
     missing = [p for p in [folder, *folder.parents] if not p.exists()]
-    for p in reversed(missing):
-        p.mkdir()
-    return list(reversed(missing))
+    created: list[Path] = []
+    try:
+        for p in reversed(missing):
+            p.mkdir()
+            created.append(p)
+    except BaseException:
+        for p in reversed(created):
+            _rmdir_quiet(p)
+        raise
+    return created
 
 
 def _rmdir_quiet(folder: Path) -> None:

@@ -31,7 +31,7 @@ from crlnseg.console import log
 from crlnseg.data.discovery import CaseFiles
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import IMAGE_SUFFIXES, split_suffix
-from crlnseg.io.writers import write_atomic
+from crlnseg.io.writers import make_folder, write_atomic
 from crlnseg.metrics import dice
 from crlnseg.predict import (
     check_channels,
@@ -175,7 +175,7 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
             raise written_so_far(err, i - 1, out) from None
         pred = predictor.rectify_volume(volume)
         o = outputs[case.id]
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         arrays = {"rectified": pred.rectified, "raw": pred.raw, "confidence": pred.confidence,
                   "reliable": (pred.confidence >= threshold).astype(np.uint8)}
         for kind, path in o.files.items():
@@ -183,7 +183,7 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
         if o.preview is not None:
             from crlnseg.inference.preview import save_preview
 
-            o.preview.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(o.preview.parent)
             save_preview(volume.array[0], pred, o.preview, overwrite)
         rows.append(case_row(case.id, pred, threshold, n_classes, label))
     meta = {"model": str(model), "checkpoint": which, "threshold": threshold,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -29,10 +28,11 @@ __all__ = ["write_json", "environment_info", "MetricsLog", "Progress", "read_met
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write (temporary file in the same folder, then ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Atomic JSON write (:func:`crlnseg.io.writers.write_atomic`), replacing ``path``."""
+    from crlnseg.io.writers import write_atomic
+
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
 
 
 def _git_commit() -> str | None:

@@ -178,6 +178,7 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
              val: Path | None = None, gpus: int = 0, nproc: int = 1, resume: bool = False,
              overwrite: bool = False) -> RunPlan:
     """All checks, on-the-fly preparation and the run's files; the plan every rank follows."""
+    from crlnseg.io.writers import make_folder
     from crlnseg.run_folder import environment_info, write_json
 
     out = Path(out)
@@ -189,7 +190,7 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
     saved = _check_run_dir(out, resume, overwrite)
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         settings, lab_dir, unl_dir, val_dir, channels = _load_inputs(settings, out, labelled,
                                                                      unlabelled, val)
         if saved is not None:
@@ -202,7 +203,7 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
         for name in OUTPUTS:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
+    make_folder(out / "checkpoints")
     write_json(out / "settings.json", settings.model_dump(mode="json"))
     write_json(out / "environment.json", environment_info(device_type, world))
     meta = {"classes": list(range(settings.model.num_classes)), "channels": channels,

@@ -15,13 +15,13 @@ change when the number of cases in another split does. Pure numpy/scipy; about 0
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from crlnseg.errors import OutputExistsError
+from crlnseg.io.writers import write_atomic
 
 __all__ = ["SPLITS", "smooth_field", "random_rotation", "chamber_mask", "tube_mask",
            "synthesize_case", "case_affine", "generate_dataset"]
@@ -168,9 +168,7 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     image = nib.Nifti1Image(array, affine)
     image.header.set_qform(affine, code=1)
     image.header.set_sform(affine, code=1)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: nib.save(image, tmp), overwrite=True)
 
 
 def generate_dataset(out: Path, n_labelled: int = 4, n_unlabelled: int = 8, n_test: int = 4,

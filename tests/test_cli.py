@@ -65,3 +65,69 @@ def test_unexpected_error_exits_1_with_hint() -> None:
     result = CliRunner().invoke(_app_raising(ValueError("bad")), ["boom"])
     assert result.exit_code == 1
     assert "ValueError: bad" in result.output and "--debug" in result.output
+
+
+def test_debug_adds_the_traceback_and_keeps_the_exit_status(monkeypatch) -> None:
+    from crlnseg.cli.app import state
+    from crlnseg.errors import DataError
+
+    monkeypatch.setitem(state, "debug", True)
+    result = CliRunner().invoke(_app_raising(DataError("scan.nii.gz: not a 3D image")), ["boom"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output
+    assert result.output.strip().splitlines()[-1] == "error: scan.nii.gz: not a 3D image"
+    result = CliRunner().invoke(_app_raising(ValueError("bad")), ["boom"])
+    assert result.exit_code == 1 and "Traceback" in result.output
+    assert result.output.strip().splitlines()[-1] == "error: ValueError: bad"
+
+
+def test_debug_option_keeps_exit_2_for_bad_input(tmp_path, monkeypatch) -> None:
+    from crlnseg.cli.app import state
+
+    monkeypatch.setitem(state, "debug", False)  # restored afterwards: --debug sets it
+    missing = tmp_path / "none.nii.gz"
+    result = runner.invoke(app, ["--debug", "evaluate", str(missing), str(missing)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_sigterm_is_handled_like_ctrl_c() -> None:
+    import os
+    import signal
+    import time
+
+    import typer
+
+    from crlnseg.cli.app import handle_errors
+
+    tiny, cleaned = typer.Typer(), []
+
+    @tiny.command()
+    @handle_errors
+    def slow() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        except KeyboardInterrupt:  # the cleanup paths written for Ctrl-C run for SIGTERM too
+            cleaned.append(True)
+            raise
+
+    @tiny.command()
+    def other() -> None:
+        pass
+
+    def unhandled(signum, frame):  # without the fix: fail this test, not kill pytest
+        raise RuntimeError("SIGTERM reached the handler outside the command")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        started = time.monotonic()
+        result = CliRunner().invoke(tiny, ["slow"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored after the command
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert time.monotonic() - started < 4
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert result.output.strip() == "error: terminated"
+    assert cleaned == [True]

@@ -56,3 +56,11 @@ def test_check_output_refuses_and_keeps_user_files(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="not a folder"):
         check_output(tmp_path / "file", overwrite=True)
+
+
+def test_unwritable_output_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    out = tmp_path / "plain" / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: {out}: cannot write (Not a directory)"

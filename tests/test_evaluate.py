@@ -300,3 +300,45 @@ def test_table_shows_case_ids_verbatim(tmp_path: Path) -> None:
     result = _cli(tmp_path / "p.nii.gz", tmp_path / "s[red]x.nii.gz", "--format", "table")
     assert result.exit_code == 0, result.output
     assert "s[red]x" in result.stdout
+
+
+def test_output_folder_in_the_way_is_refused_with_or_without_overwrite(folders,
+                                                                        tmp_path: Path) -> None:
+    pred_dir, gt_dir, _ = folders
+    (tmp_path / "r.json").mkdir()
+    for extra in ([], ["--overwrite"]):
+        result = _cli(pred_dir, gt_dir, "-o", tmp_path / "r.json", *extra)
+        _one_line_exit_2(result, str(tmp_path / "r.json"), "is a folder")
+
+
+def test_unwritable_output_exit_2(folders, tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    from crlnseg.io import writers
+
+    pred_dir, gt_dir, _ = folders
+    (tmp_path / "plain").write_text("a file")
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "-o", tmp_path / "plain" / "r.json"),
+                     str(tmp_path / "plain" / "r.json"), "cannot write")
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+
+    monkeypatch.setattr(writers.os, "replace", read_only)
+    target = tmp_path / "r.json"
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "-o", target),
+                     f"{target}: cannot write (Read-only file system)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt", "plain", "pred"]  # no temporary
+
+
+def test_report_file_follows_the_umask(folders, tmp_path: Path) -> None:
+    import os
+
+    pred_dir, gt_dir, _ = folders
+    old = os.umask(0o022)
+    try:
+        assert _cli(pred_dir, gt_dir, "-o", tmp_path / "r.json").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -12,7 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 from crlnseg.errors import DataError, OutputExistsError
-from crlnseg.io import read_case_images, read_h5_case, read_image, read_label, write_image
+from crlnseg.io import read_case_images, read_h5_case, read_image, read_label, write_image, writers
+from crlnseg.io.writers import check_outputs, write_atomic
 
 SHAPE = (12, 10, 8)
 
@@ -116,6 +120,106 @@ def test_write_is_atomic_and_refuses_overwrite(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not match"):
         write_image(np.ones((3, 3, 3), np.uint8), ref, tmp_path / "other.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "ref.nii.gz"]
+
+
+@pytest.mark.parametrize(("suffix", "data", "key"), [(".mhd", ".zraw", "ElementDataFile = "),
+                                                      (".nhdr", ".raw.gz", "data file: ")])
+def test_header_and_data_outputs_name_their_final_data_file(tmp_path: Path, suffix: str,
+                                                            data: str, key: str) -> None:
+    ref_path = tmp_path / "ref.nii.gz"
+    write_nifti_reference(ref_path)
+    ref = read_image(ref_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[2:5, 3:6, 1:4] = 1
+    write_image(mask, ref, out / f"m{suffix}")
+    write_image(mask, ref, out / f"m{suffix}", overwrite=True)  # no orphan data file either
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"m{suffix}", f"m{data}"])
+    header = (out / f"m{suffix}").read_text(errors="replace")
+    assert f"{key}m{data}" in header
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)  # the pair stands alone: no reference to a temporary name
+    np.testing.assert_array_equal(read_image(copy / f"m{suffix}").array, mask)
+
+
+def test_header_and_data_output_cleans_up_and_refuses_a_foreign_data_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref_path = tmp_path / "ref.nii.gz"
+    write_nifti_reference(ref_path)
+    ref = read_image(ref_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.zraw").write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="m.zraw"):
+        check_outputs([out / "m.mhd"], overwrite=False)
+    with pytest.raises(OutputExistsError, match="m.zraw"):
+        write_image(np.zeros(SHAPE, np.uint8), ref, out / "m.mhd")
+    assert [p.name for p in out.iterdir()] == ["m.zraw"]
+    assert (out / "m.zraw").read_bytes() == b"precious"
+
+    def fail(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.os, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        write_image(np.zeros(SHAPE, np.uint8), ref, out / "n.nhdr")
+    assert [p.name for p in out.iterdir()] == ["m.zraw"]  # no temporary folder left
+
+
+@pytest.mark.parametrize(("code", "reason"), [(errno.EACCES, "Permission denied"),
+                                              (errno.EPERM, "Operation not permitted"),
+                                              (errno.EROFS, "Read-only file system")])
+def test_unwritable_output_is_a_one_line_output_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      code: int, reason: str) -> None:
+    def refuse(src, dst):
+        raise OSError(code, os.strerror(code), str(src))
+
+    monkeypatch.setattr(writers.os, "replace", refuse)
+    target = tmp_path / "report.json"
+    with pytest.raises(OutputExistsError) as info:
+        write_atomic(target, lambda tmp: tmp.write_text("{}"))
+    assert str(info.value) == f"{target}: cannot write ({reason})"  # the output, not the temp
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runtime_write_failures_stay_os_errors(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.os, "replace", full)
+    with pytest.raises(OSError, match="No space") as info:
+        write_atomic(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
+    assert not isinstance(info.value, OutputExistsError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_in_the_way_is_refused_even_with_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "m.nii.gz").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="is a folder"):
+            write_atomic(tmp_path / "m.nii.gz", lambda tmp: tmp.write_text("x"), overwrite)
+        with pytest.raises(OutputExistsError, match="is a folder"):
+            check_outputs([tmp_path / "m.nii.gz"], overwrite)
+    (tmp_path / "plain").write_text("a file")
+    with pytest.raises(OutputExistsError, match="cannot write.*plain is not a folder"):
+        check_outputs([tmp_path / "plain" / "m.nii.gz"], overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz", "plain"]
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
+        ref_path = tmp_path / "ref.nii.gz"
+        write_nifti_reference(ref_path)
+        write_image(np.zeros(SHAPE, np.uint8), read_image(ref_path), tmp_path / "m.mhd")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "m.mhd", "m.zraw"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
 
 
 def test_probability_map_is_channels_first(tmp_path: Path) -> None:

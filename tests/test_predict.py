@@ -363,3 +363,27 @@ def test_folder_output_keeps_the_input_extension(tmp_path, tiny_run):
     assert result.exit_code == 0, result.output
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["img.mha"]
     assert "<ID>.nii.gz" not in HELP and "input's extension" in HELP
+
+
+def test_sigterm_mid_run_removes_temporaries_and_exits_143(tmp_path, tiny_run):
+    from process_helpers import hidden, terminate_when
+
+    image = blob_image((24, 24, 16))[0]
+    for i in range(80):  # enough cases that the run is still going when the first one is done
+        write_nifti(tmp_path / "in" / f"s{i:03d}.nii.gz", image)
+    out = tmp_path / "out"
+    code, err = terminate_when(["predict", str(tmp_path / "in"), "-o", str(out), "-m",
+                                str(tiny_run), "--device", "cpu", "--save-probabilities"],
+                               lambda: (out / "s000_probabilities.npz").exists())
+    assert code == 128 + 15, err
+    assert err.strip().splitlines()[-1] == "error: terminated" and "Traceback" not in err
+    assert hidden(out) == [] and hidden(tmp_path) == []
+    assert len(list(out.glob("*.nii.gz"))) < 80
+
+
+def test_folder_where_the_mask_goes_is_refused_even_with_overwrite(tmp_path, tiny_run):
+    src = write_nifti(tmp_path / "scan.nii.gz", blob_image()[0])
+    (tmp_path / "m.nii.gz").mkdir()
+    for extra in ([], ["--overwrite"]):
+        _fails(["predict", str(src), "-o", str(tmp_path / "m.nii.gz"), "-m", str(tiny_run),
+                "--device", "cpu", *extra], "m.nii.gz: is a folder")

@@ -289,3 +289,53 @@ def test_invalid_options_exit_2(tmp_path: Path, option: list[str]) -> None:
     src, out = dataset(tmp_path / "src", n=1), tmp_path / "out"
     result = prepare(src, "-o", out, *option)
     assert result.exit_code == 2 and option[0] in result.stderr and not out.exists()
+
+
+def test_sigterm_removes_the_staging_folder_and_exits_143(tmp_path: Path) -> None:
+    from process_helpers import terminate_when
+
+    source = tmp_path / "src"
+    image, label = scan(0, (24, 24, 16))
+    for i in range(150):  # enough cases that preparing is still going when the signal comes
+        save(source / "images" / f"case{i:03d}.nii.gz", image)
+        save(source / "labels" / f"case{i:03d}.nii.gz", label)
+    out = tmp_path / "prep"
+    code, err = terminate_when(["prepare", str(source), "-o", str(out)],
+                               lambda: any(p.name.startswith(".prep.tmp-")
+                                           for p in tmp_path.iterdir()))
+    assert code == 128 + 15, err
+    assert err.strip().splitlines()[-1] == "error: terminated" and "Traceback" not in err
+    assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_unwritable_output_exit_2_one_line_naming_it(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    source = dataset(tmp_path / "src", n=1)
+    (tmp_path / "plain").write_text("a file, not a folder")
+    out = tmp_path / "plain" / "prep"  # root may write anywhere, but not under a file
+    result = prepare(source, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: {out}: cannot write (Not a directory)"
+
+    def denied(path, mode=0o777):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "mkdir", denied)
+    out = tmp_path / "prep"
+    result = prepare(source, "-o", out)
+    assert result.exit_code == 2, result.output
+    # The output is named, not the hidden staging folder that could not be made.
+    assert result.stderr.strip() == f"error: {out}: cannot write (Permission denied)"
+    assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_cache_folder_follows_the_umask(tmp_path: Path) -> None:
+    source = dataset(tmp_path / "src", n=1)
+    old = os.umask(0o027)
+    try:
+        assert prepare(source, "-o", tmp_path / "prep").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "prep").stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0o700
+    assert (tmp_path / "prep" / "dataset.json").stat().st_mode & 0o777 == 0o640

@@ -321,3 +321,12 @@ def test_non_consecutive_label_values_are_refused(data, tmp_path):
     assert not (tmp_path / "r").exists()  # nothing left behind
     code, output = _run(args + ["--set", "model.num_classes=256", "--overwrite"])
     assert code == 0, output  # explicitly asked for
+
+
+def test_unwritable_run_folder_exit_2(data, tmp_path):
+    (tmp_path / "plain").write_text("x")
+    out = tmp_path / "plain" / "run"
+    code, output = _run(_base(data, out, iterations=1))
+    assert code == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: cannot write (Not a directory)"], output

@@ -1,13 +1,20 @@
 """The ``crlnseg`` Typer app: registers the commands and maps errors to exit statuses.
 
 Known errors (:class:`crlnseg.errors.CrlnsegError`) become one red line on stderr and their exit
-status (2 for bad input, 1 for runtime failures); a traceback appears only with ``--debug``.
+status (2 for bad input, 1 for runtime failures); ``--debug`` adds the traceback, never changes the
+status. SIGTERM is handled like Ctrl-C (temporaries removed, one line, exit 128 + 15 = 143);
+``crlnseg train`` replaces the handler during its loop to save a checkpoint first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import traceback
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -57,32 +64,62 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`crlnseg.errors.Terminated`."""
+    from crlnseg.errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    owner = os.getpid()
+
+    def terminate(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker (process pool): die as it would have
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _traceback() -> None:
+    if state["debug"]:
+        traceback.print_exc(file=sys.stderr)
+
+
 def handle_errors(func: F) -> F:
     """Wrap a command: known errors -> one line + exit status; others -> exit 1."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from crlnseg.errors import CrlnsegError
+        from crlnseg.errors import CrlnsegError, Terminated
 
         try:
-            return func(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except CrlnsegError as err:
-            if state["debug"]:
-                raise
+            _traceback()
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__, err.exit_code)
+        except Terminated:
+            fail("terminated", 128 + signal.SIGTERM)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except MemoryError:
-            if state["debug"]:
-                raise
+            _traceback()
             fail("out of memory: try a smaller patch or batch, or --amp on CUDA", 1)
         except Exception as err:  # noqa: BLE001 - the CLI boundary
-            if state["debug"]:
-                raise
+            _traceback()
             text = str(err).splitlines()[0] if str(err) else ""
-            fail(f"{type(err).__name__}: {text} (run with --debug for the traceback)", 1)
+            hint = "" if state["debug"] else " (run with --debug for the traceback)"
+            fail(f"{type(err).__name__}: {text}{hint}", 1)
 
     return wrapper  # type: ignore[return-value]
 

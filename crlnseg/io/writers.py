@@ -4,14 +4,24 @@ A NIfTI output of a NIfTI reference is written with nibabel from a copy of the r
 so qform, sform, their codes and the voxel sizes are reproduced bit for bit (SimpleITK would
 recompute them from its own, float-rounded, direction matrix). Everything else goes through
 SimpleITK with the reference's spacing, origin and direction. The file appears under its final
-name only once complete (temporary name in the same folder, then :func:`os.replace`).
+name only once complete (temporary name in the same folder, then :func:`os.replace`). Formats with a
+separate data file (``.mhd``, ``.nhdr``) are written under their final names into a hidden
+temporary folder, so that the header names the final data file; the data file(s) are moved into
+place first and the header last, so a visible header always has its data.
+
+An output that cannot be written (permissions, read-only file system, a folder in the way) is an
+:class:`OutputExistsError` naming the output, never the temporary; other ``OSError`` (a full disk)
+stay runtime failures.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import secrets
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +30,15 @@ from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import H5_SUFFIXES, is_nifti, split_suffix
 from crlnseg.io.volume import Volume
 
-__all__ = ["write_image", "atomic_path", "write_atomic"]
+__all__ = ["write_image", "atomic_path", "write_atomic", "output_errors", "make_folder",
+           "check_output", "check_outputs", "data_file", "SPLIT_SUFFIXES"]
+
+# Header + separate data file: what SimpleITK (with compression) writes beside the header.
+DATA_SUFFIXES = {".mhd": ".zraw", ".nhdr": ".raw.gz"}
+SPLIT_SUFFIXES = tuple(DATA_SUFFIXES)
+# errno values meaning "this output cannot be written here" (bad output, exit 2), as opposed to
+# ENOSPC, EIO... (runtime failures, exit 1).
+_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR})
 
 
 def write_image(array: np.ndarray, reference: Volume, path: Path, overwrite: bool = False) -> None:
@@ -49,22 +67,115 @@ def atomic_path(path: Path) -> Path:
     return path.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
-    """Call ``write(tmp)`` then rename ``tmp`` to ``path``; the temporary is removed on failure."""
+@contextlib.contextmanager
+def output_errors(path: Path) -> Iterator[None]:
+    """Report an OSError that means "cannot write here" as a one-line error naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _UNWRITABLE:
+            raise
+        raise OutputExistsError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def make_folder(folder: Path) -> None:
+    """``mkdir -p`` of an output folder; a folder that cannot be created is a bad output."""
+    with output_errors(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+def data_file(path: Path) -> Path | None:
+    """The separate data file written with a ``.mhd`` / ``.nhdr`` header (else None)."""
+    stem, suffix = split_suffix(path)
+    data = DATA_SUFFIXES.get(suffix.lower())
+    return None if data is None else Path(path).with_name(stem + data)
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse ``path`` as a file output: a folder in the way (always), an existing file (without
+    ``overwrite``), a missing or non-folder parent."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: is a folder; expected a file name")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
     if not path.parent.is_dir():
-        raise OutputExistsError(f"{path}: output folder {path.parent} does not exist")
+        problem = "is not a folder" if path.parent.exists() else "does not exist"
+        raise OutputExistsError(f"{path}: output folder {path.parent} {problem}")
+
+
+def _writable_folder(path: Path) -> None:
+    """Refuse ``path`` when its folder (or the nearest existing ancestor) cannot take files."""
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputExistsError(f"{path}: cannot write (output folder is not writable: "
+                                f"{probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{path}: cannot write (output folder {probe} is not writable)")
+
+
+def check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Refuse before writing anything: folders where files go, existing outputs (without
+    overwrite), unwritable folders (where the process can tell up front; root can write almost
+    anywhere, so the writers map write-time errors too)."""
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise OutputExistsError(f"{folders[0]}: is a folder; expected a file name")
+    existing = [p for p in paths if p.exists()]
+    existing += [d for p in paths if (d := data_file(p)) is not None and d.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputExistsError(f"{existing[0]}: output exists{more}; use --overwrite")
+    first_per_folder: dict[Path, Path] = {}
+    for p in paths:
+        first_per_folder.setdefault(p.parent, p)
+    for path in first_per_folder.values():
+        _writable_folder(path)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Call ``write(tmp)`` then rename ``tmp`` to ``path``; the temporary is removed on failure.
+
+    For header + data formats (:data:`SPLIT_SUFFIXES`) ``write`` receives the final name inside
+    a hidden temporary folder instead (see the module docstring).
+    """
+    path = Path(path)
+    check_output(path, overwrite)
+    if split_suffix(path)[1].lower() in SPLIT_SUFFIXES:
+        _write_split(path, write, overwrite)
+        return
     tmp = atomic_path(path)
     try:
+        with output_errors(path):
+            # Created here, not by the writer: a folder we cannot write to fails as an OSError
+            # (SimpleITK would report a RuntimeError), and the mode follows the umask.
+            open(tmp, "xb").close()
         write(tmp)
-        os.replace(tmp, path)
-    except PermissionError as err:
-        raise OutputExistsError(f"{path}: not writable ({err.strerror})") from None
+        with output_errors(path):
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def _write_split(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    stage = path.with_name(f".{split_suffix(path)[0]}.tmp-{secrets.token_hex(4)}")
+    with output_errors(path):
+        stage.mkdir()
+    try:
+        write(stage / path.name)
+        data = sorted(p for p in stage.iterdir() if p.name != path.name)
+        taken = [path.with_name(p.name) for p in data if path.with_name(p.name).exists()]
+        if taken and not overwrite:
+            raise OutputExistsError(f"{taken[0]}: data file of {path.name} already exists "
+                                    "(use --overwrite to replace it)")
+        with output_errors(path):
+            for p in data:  # data first: a visible header always has its data
+                os.replace(p, path.with_name(p.name))
+            os.replace(stage / path.name, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _storable(array: np.ndarray) -> np.ndarray:
