@@ -92,6 +92,8 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
+    except MemoryError:  # a runtime failure, not a bad file
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is "not a checkpoint"
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path}: not a readable crlnseg checkpoint "

@@ -66,7 +66,7 @@ def _read(path: Path, case: str, side: str) -> tuple[np.ndarray, object]:
         volume = _read_image(path)
     except DataError as err:
         raise DataError(f"case {case}: {side} mask {err}") from None
-    except Exception as err:  # noqa: BLE001 - any reader failure is bad input
+    except (OSError, RuntimeError, ValueError, EOFError) as err:  # SimpleITK/nibabel/zlib
         raise DataError(f"case {case}: cannot read {side} mask {path}: {err}") from None
     try:
         array = label_array(np.asarray(volume.array), path)  # (X, Y, Z, 1) is 3D, as for images

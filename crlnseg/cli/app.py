@@ -22,7 +22,7 @@ import typer
 
 from crlnseg import __version__
 
-__all__ = ["app", "main", "handle_errors", "state"]
+__all__ = ["app", "main", "handle_errors", "option_error", "state"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -124,8 +124,15 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def not_implemented(name: str) -> None:
-    fail(f"'{name}' is not implemented yet", 1)
+def option_error(err: Any, options: dict[str, str] | None = None) -> Exception:
+    """A settings model's first ValidationError as ``--option: message`` (``options`` renames
+    fields whose option differs, e.g. sigma_scale -> sigma)."""
+    from crlnseg.errors import ConfigError
+
+    first = err.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    option = (options or {}).get(field, field).replace("_", "-")
+    return ConfigError(f"--{option}: {first['msg']}" if option else first["msg"])
 
 
 def _register() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from crlnseg.cli.app import handle_errors
+from crlnseg.cli.app import handle_errors, option_error
 
 HELP = "\n\n".join([
     "Compare predicted masks with ground truth: Dice, Jaccard, HD95, ASD (equal to medpy).",
@@ -64,9 +64,7 @@ def register(app: typer.Typer) -> None:
                                         bootstrap=bootstrap, seed=seed, workers=workers,
                                         allow_missing=allow_missing)
         except ValidationError as err:
-            first = err.errors()[0]
-            name = str(first['loc'][0]).replace('_', '-')
-            raise ConfigError(f"--{name}: {first['msg']}") from err
+            raise option_error(err) from None
         pairs = plan_pairs(pred, gt, allow_missing)
         if output is not None:  # before the metrics, which may take long
             check_output(output, pairs, overwrite)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from crlnseg.cli.app import handle_errors
+from crlnseg.cli.app import handle_errors, option_error
 
 if TYPE_CHECKING:
     from crlnseg.settings import PredictSettings
@@ -42,9 +42,7 @@ def predict_settings(overlap: float, stride: tuple[int, int, int] | None, blend:
         return PredictSettings(overlap=overlap, stride=stride, mode=mode, batch_size=batch_size,
                                tta=tta, device=device, amp=amp, **extra)
     except ValidationError as err:
-        first = err.errors()[0]
-        option = {"sigma_scale": "sigma"}.get(str(first["loc"][0]), str(first["loc"][0]))
-        raise ConfigError(f"--{option.replace('_', '-')}: {first['msg']}") from None
+        raise option_error(err, {"sigma_scale": "sigma"}) from None
 
 
 # Options shared with `crlnseg rectify`.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crlnseg.cli.app import handle_errors
+from crlnseg.cli.app import handle_errors, option_error
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +34,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from pydantic import ValidationError
 
-        from crlnseg.errors import ConfigError
         from crlnseg.prepare import prepare_dataset
         from crlnseg.settings import PrepareSettings
 
@@ -43,9 +42,7 @@ def register(app: typer.Typer) -> None:
                 target_spacing=target_spacing, normalize=normalize, ct_window=ct_window,
                 crop_nonzero=crop_nonzero, interpolation=interpolation, h5_spacing=h5_spacing)
         except ValidationError as err:
-            first = err.errors()[0]
-            raise ConfigError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") \
-                from None
+            raise option_error(err) from None
         manifest = prepare_dataset(source, out, settings, workers=workers, overwrite=overwrite,
                                    keep_going=keep_going)
         new = len(manifest.cases) - manifest.skipped

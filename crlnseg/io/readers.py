@@ -320,7 +320,11 @@ def _nifti_header(path: Path):  # -> nibabel.Nifti1Header | None
 
     try:
         return nib.load(str(path)).header.copy()
-    except Exception:  # noqa: BLE001 - SimpleITK read the file; the header is a bonus for writing
+    except Exception as err:  # noqa: BLE001 - SimpleITK read the file; the header is a bonus
+        from crlnseg.console import log
+
+        log(f"note: nibabel cannot read the header of {path} ({type(err).__name__}); masks of "
+            "this image get SimpleITK's NIfTI header (same geometry, qform/sform codes may differ)")
         return None
 
 
