@@ -10,15 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from crlnseg.nets.checkpointing import checkpointed
+from crlnseg.nets.backbone import EncoderDecoder
 from crlnseg.nets.heads import ProjectionHead
-from crlnseg.nets.output import EmbedMode, NetOutput, check_input
 from crlnseg.nets.vnet import conv_block
 
 __all__ = ["UNet3D"]
 
 
-class UNet3D(nn.Module):
+class UNet3D(EncoderDecoder):
     def __init__(self, in_channels: int, num_classes: int, base: int = 16, dropout: bool = True,
                  embed_dim: int = 64) -> None:
         super().__init__()
@@ -36,33 +35,8 @@ class UNet3D(nn.Module):
         self.head = ProjectionHead(b, b, embed_dim)
         self.checkpoint_activations = False
 
-    def _top_down(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        skip = self.enc[0](x)
-        return skip, self.pool(skip)
+    def down_level(self, i: int, x: Tensor) -> Tensor:
+        return self.pool(x)
 
-    def _up_top(self, x: Tensor, skip: Tensor) -> Tensor:
-        return torch.cat([self.up[3](x), skip], dim=1)
-
-    def _logits(self, x: Tensor) -> Tensor:
-        return self.out_conv(self.dropout(x))
-
-    def forward(self, x: Tensor, embed: EmbedMode = "dense") -> NetOutput:
-        check_input(x, 16)
-        ck = self.checkpoint_activations and self.training and torch.is_grad_enabled()
-        skip, x = checkpointed(self._top_down, self, x, enabled=ck)
-        skips = [skip]
-        for i in range(1, 4):
-            x = self.enc[i](x)
-            skips.append(x)
-            x = self.pool(x)
-        x = self.dropout(self.enc[4](x))
-        feats = []
-        for i in range(3):
-            x = self.dec[i](torch.cat([self.up[i](x), skips[3 - i]], dim=1))
-            feats.append(x)
-        # Three segments, not one: the backward pass then rebuilds one block's activations at a
-        # time, and the peak (reached there, not in the forward pass) stays lower.
-        x = checkpointed(self._up_top, self, x, skip, enabled=ck)
-        x = checkpointed(self.dec[3], self, x, enabled=ck)
-        logits = checkpointed(self._logits, self, x, enabled=ck)
-        return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed, checkpoint=ck)
+    def merge(self, up: Tensor, skip: Tensor) -> Tensor:
+        return torch.cat([up, skip], dim=1)

@@ -1,0 +1,66 @@
+"""The forward pass both backbones share: five levels, skips, the 1/4 and 1/2 decoder features for
+the Dynamic Interaction Module, and optional activation checkpointing of the full-resolution top.
+
+A backbone defines its layers (``enc``, ``up``, ``dec``, ``dropout``, ``out_conv``, ``head``) and
+two hooks: how a level goes down (:meth:`EncoderDecoder.down_level`: strided conv for the V-Net,
+max-pool for the U-Net) and how an up-sampled map meets its skip (:meth:`merge`: sum or concat).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from crlnseg.nets.checkpointing import checkpointed
+from crlnseg.nets.output import EmbedMode, NetOutput, check_input
+
+__all__ = ["EncoderDecoder"]
+
+
+class EncoderDecoder(nn.Module):
+    enc: nn.ModuleList
+    up: nn.ModuleList
+    dec: nn.ModuleList
+    dropout: nn.Module
+    out_conv: nn.Module
+    head: nn.Module
+    checkpoint_activations: bool
+
+    def down_level(self, i: int, x: Tensor) -> Tensor:
+        """Level ``i`` -> ``i + 1`` (half the resolution)."""
+        raise NotImplementedError
+
+    def merge(self, up: Tensor, skip: Tensor) -> Tensor:
+        """An up-sampled map and the encoder's skip at the same resolution."""
+        raise NotImplementedError
+
+    def _top_down(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        skip = self.enc[0](x)
+        return skip, self.down_level(0, skip)
+
+    def _up_top(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.merge(self.up[3](x), skip)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.out_conv(self.dropout(x))
+
+    def forward(self, x: Tensor, embed: EmbedMode = "dense") -> NetOutput:
+        check_input(x, 16)
+        ck = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        skip, x = checkpointed(self._top_down, self, x, enabled=ck)
+        skips = [skip]
+        for i in range(1, 4):
+            x = self.enc[i](x)
+            skips.append(x)
+            x = self.down_level(i, x)
+        x = self.dropout(self.enc[4](x))
+        feats = []
+        for i in range(3):
+            x = self.dec[i](self.merge(self.up[i](x), skips[3 - i]))
+            feats.append(x)
+        # Three segments, not one: the backward pass then rebuilds one block's activations at a
+        # time, and the peak (reached there, not in the forward pass) stays lower.
+        x = checkpointed(self._up_top, self, x, skip, enabled=ck)
+        x = checkpointed(self.dec[3], self, x, enabled=ck)
+        logits = checkpointed(self._logits, self, x, enabled=ck)
+        return NetOutput.build(logits, feats[1], feats[2], x, self.head, embed, checkpoint=ck)
