@@ -60,7 +60,10 @@ fi
 # 4. Predict the validation scans with the last checkpoint (never choose a checkpoint on the data
 #    you report). Masks keep each input's shape, spacing, origin and direction. One summary line
 #    per case on stdout. --tta adds flips, --keep-largest keeps the largest component.
-crlnseg predict "$WORK/splits/validation/images" -o "$WORK/predictions" -m "$WORK/run" --overwrite
+#    --no-tuned: the run chose its blending on these very scans (--val), so it must not be scored
+#    with that choice here; on new scans leave it out and predict uses the run's choice.
+crlnseg predict "$WORK/splits/validation/images" -o "$WORK/predictions" -m "$WORK/run" \
+  --no-tuned --overwrite
 
 # 5. Rectify: pseudo-labels of the unlabelled scans, raw (teacher) and rectified (CRLN), with the
 #    confidence and reliable mask; --labels scores both against the hidden truth, --preview adds
