@@ -4,8 +4,9 @@ Labelled = the first 8 (or 16) IDs of ``cases.txt``, as in the literature; since
 20 test cases are withheld from this data, cases 65-80 of its 80 training cases are held out for
 validation and the unlabelled set is the rest of cases 1-64 (56 or 48 scans, where the literature
 has 72 or 64). Validation cases are never used for training or checkpoint choice: every number
-comes from the LAST checkpoint, predicted with ``--no-tuned`` (the runs choose their blending on
-these same cases). Methods ``supervised``, ``mean-teacher`` and ``crln`` share the backbone,
+comes from the LAST checkpoint. Runs are trained without ``--val`` and predicted with
+``--no-tuned`` (the built-in blending), so that no choice is made on the reported cases.
+Methods ``supervised``, ``mean-teacher`` and ``crln`` share the backbone,
 patch, iterations and seed; each run goes through the public CLI (``crlnseg train``, ``predict``,
 ``evaluate``, ``rectify``) as a user would run it. Per run it records Dice, Jaccard, HD95 and ASD
 (voxels and mm), empty predictions, the wall time, and for ``crln`` the Dice of raw vs rectified
@@ -81,8 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Gaussian sigma of crlnseg predict / rectify (default: crlnseg's, "
                    "0.125; the LA tables of RESULTS.md pin it)")
     p.add_argument("--tuned", action="store_true",
-                   help="predict / rectify with the blending the runs chose on their validation "
-                   "set (default: --no-tuned, since that set is also the one reported here)")
+                   help="predict / rectify with the blending a run chose on its validation set, "
+                   "if it has one (default: --no-tuned, the built-in blending)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at the same time, each with cores/jobs threads (on a "
                         "2-core CPU, --jobs 2 finishes sooner than 2 threads per run)")
@@ -404,7 +405,8 @@ def run_one(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, 
             evals: dict[str, Path], args: argparse.Namespace, iterations: int) -> dict:
     """Train, predict, evaluate (and rectify for crln) one method and seed."""
     sigma = [] if args.sigma is None else ["--sigma", str(args.sigma)]
-    # The runs choose their blending on cases 65-80, which this table reports: not tuned on them.
+    # Trained without --val, the runs carry no blending choice; --no-tuned also keeps any reused
+    # run that has one (chosen on which cases?) on the built-in blending.
     sigma += [] if args.tuned else ["--no-tuned"]
     record: dict = {"method": method, "seed": seed, "run": str(run),
                     "train_seconds": train(crlnseg, run, method, seed, data, args, iterations)}
