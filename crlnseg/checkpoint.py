@@ -141,6 +141,11 @@ def load_inference_model(model: Path, which: str = "last",
         raise CheckpointError(f"{path}: teacher weights do not match the model "
                               f"({str(err).splitlines()[0][:120]})") from None
     meta = data["meta"]
+    from crlnseg.inference.choice import check_choice
+
+    problem = check_choice(meta.get("inference"))
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
     # A meta that disagrees with the weights would fail mid-run, after outputs were planned.
     classes = meta.get("classes", range(settings.model.num_classes))
     if len(classes) != settings.model.num_classes:

@@ -187,9 +187,12 @@ def evaluate_folders(pred: Path, gt: Path, settings: EvaluateSettings) -> Report
 def plan_pairs(pred: Path, gt: Path, allow_missing: bool = False) -> list[Pair]:
     """The pairs to score: two mask files (one case, named after the GT file) or two folders."""
     pred, gt = Path(pred), Path(gt)
+    from crlnseg.data.discovery import missing_reason
+
     for path, side in ((pred, "prediction"), (gt, "ground truth")):
         if not path.exists():
-            raise DataError(f"{path}: {side} path does not exist")
+            what = missing_reason(path) if path.is_symlink() else "path does not exist"
+            raise DataError(f"{path}: {side} {what}")
     if pred.is_dir() and gt.is_dir():
         return match_cases(pred, gt, allow_missing)
     if pred.is_dir() or gt.is_dir():
@@ -210,13 +213,9 @@ def check_output(output: Path, pairs: list[Pair], overwrite: bool) -> None:
 
     output = Path(output)
     check_not_inputs([output], [p for pair in pairs for p in (pair.pred, pair.gt) if p])
-    if output.is_dir():
-        raise OutputExistsError(f"{output}: is a folder; -o names the report file")
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output}: exists (use --overwrite to replace it)")
     if not output.parent.exists():
         raise OutputExistsError(f"{output}: folder {output.parent} does not exist")
-    check_outputs([output], overwrite=True)  # a file in the way, unwritable: as every writer says
+    check_outputs([output], overwrite)  # a folder in the way, exists, unwritable: as every writer
 
 
 # --- summary and report -------------------------------------------------------------------------
@@ -373,4 +372,4 @@ def _discover(folder: Path) -> dict[str, Path]:
 def _case_id(path: Path) -> str:
     from crlnseg.data.discovery import discover_single
 
-    return discover_single(path).id
+    return discover_single(path, channels=False).id  # masks have no channel suffixes

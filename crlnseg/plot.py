@@ -16,7 +16,7 @@ PANELS: list[tuple[str, tuple[str, ...], bool]] = [
      True),
     ("mu and learning rate (x100)", ("mu", "lr"), False),
     ("confident voxel share", ("confident_raw", "confident_rectified"), False),
-    ("validation Dice", ("val_dice", "val_dice_largest"), False),
+    ("validation Dice", ("val_dice", "val_dice_largest", "val_dice_tuned"), False),
 ]
 
 

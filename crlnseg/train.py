@@ -55,7 +55,7 @@ class TrainResult:
     total: int
     stopped_by: int | None = None  # signal number when interrupted
     val_dice: float | None = None
-    best_val_dice: float | None = None
+    best_val_dice: float | None = None  # best validation Dice of each checkpoint's chosen blending
     val_dice_largest: float | None = None  # last validation, largest component kept per class
     # Blending / post-processing for predict, chosen on the validation set (inference.choice)
     inference: dict[str, Any] | None = None
@@ -102,16 +102,18 @@ def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> Trai
             if val_data is not None and (done % t.val_every == 0 or last):
                 v = validate(state.teacher, val_data, s, d.device, d.rank, d.world_size, done)
                 dice = v.dice
+                tuned = v.choice["dice"]  # the chosen blending's: what predict will deliver
                 log.write({"iteration": done, "val_dice": dice,
-                           "val_dice_largest": v.dice_largest, "val_per_case": v.per_case,
-                           "val_choice": v.choice})
+                           "val_dice_largest": v.dice_largest, "val_dice_tuned": tuned,
+                           "val_per_case": v.per_case, "val_choice": v.choice})
                 progress.message(f"iteration {done}: validation Dice {dice:.4f} "
                                  f"({v.dice_largest:.4f} keeping the largest component); "
                                  f"predict will use {describe(v.choice)}")
                 result.val_dice, result.val_dice_largest = dice, v.dice_largest
                 result.inference = v.choice
-                improved = result.best_val_dice is None or dice > result.best_val_dice
-                result.best_val_dice = max(dice, result.best_val_dice or -math.inf)
+                # best.pt: the checkpoint whose own choice predicts best on validation
+                improved = result.best_val_dice is None or tuned > result.best_val_dice
+                result.best_val_dice = max(tuned, result.best_val_dice or -math.inf)
             stopped = stop.requested(d)
             if done % t.checkpoint_every == 0 or last or improved or stopped:
                 _checkpoint(plan, d, state, done, result.best_val_dice, result.inference,

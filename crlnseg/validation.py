@@ -33,9 +33,9 @@ class Validation(NamedTuple):
 
 
 def blending(stride: tuple[int, int, int] | None) -> dict[str, Any]:
-    """Sliding-window blending as ``crlnseg predict`` does it by default, so that validation Dice
-    (and ``best.pt``) reflect what users get from the run: Gaussian at overlap 0.5 with predict's
-    built-in sigma, or, with an explicit stride, uniform averaging (the literature's protocol)."""
+    """Sliding-window blending as ``crlnseg predict`` does it with its built-in default (the
+    patches the candidates of :mod:`crlnseg.inference.choice` are blended from): Gaussian at
+    overlap 0.5, or, with an explicit stride, uniform averaging (the literature's protocol)."""
     from crlnseg.inference.choice import DEFAULT_SIGMA
     from crlnseg.settings import PredictSettings
 

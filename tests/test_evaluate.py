@@ -260,6 +260,13 @@ def test_numbered_masks_are_cases_not_channels(tmp_path: Path) -> None:
     report = evaluate(pred_dir, gt_dir, EvaluateSettings())
     assert sorted({r["case"] for r in report.rows}) == ["patient_0001", "patient_0002",
                                                        "patient_0003"]
+    # Two single files: the case is named after the GT file, suffix and all.
+    one = evaluate(pred_dir / "patient_0002.nii.gz", gt_dir / "patient_0002.nii.gz",
+                   EvaluateSettings())
+    assert {r["case"] for r in one.rows} == {"patient_0002"}
+    (tmp_path / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    with pytest.raises(DataError, match="broken symbolic link"):
+        evaluate(tmp_path / "gone.nii.gz", gt_dir / "patient_0002.nii.gz", EvaluateSettings())
 
 
 def test_negative_labels_and_classes_are_refused(folders) -> None:

@@ -130,7 +130,8 @@ def test_predict_uses_the_runs_validated_choice_unless_told_otherwise(tmp_path):
             return npz["probabilities"].astype(np.float32), result.stderr
 
     tuned, log = predict("tuned")
-    assert "sigma 1/3 + largest" in log and "iteration 9" in log and "--no-tuned" in log
+    assert "sigma 1/3, largest component kept (validation Dice 0.7500 at iteration 9)" in log
+    assert "--no-tuned" in log
     explicit, log = predict("explicit", "--sigma", str(1 / 3), "--keep-largest")
     np.testing.assert_array_equal(tuned, explicit)
     assert "run's choice" not in log
@@ -138,6 +139,13 @@ def test_predict_uses_the_runs_validated_choice_unless_told_otherwise(tmp_path):
     builtin, _ = predict("builtin", "--sigma", "0.125", "--no-keep-largest")
     np.testing.assert_array_equal(plain, builtin)
     assert not np.allclose(tuned, plain)  # the sigma reached the blending
+    # Overriding one half re-chooses the other among the candidates that agree with it: without
+    # the largest component, 1/8 scored best (0.70; 1/3 alone was not better).
+    unkept, _ = predict("unkept", "--no-keep-largest")
+    np.testing.assert_array_equal(unkept, builtin)
+    # A choice scored with Gaussian blending is not applied to the literature's uniform stride.
+    _, log = predict("stride", "--stride", "8", "8", "8")
+    assert "not using the run's validated choice" in log
 
 
 def test_folder_input_writes_one_mask_per_case(tmp_path, tiny_run):
@@ -182,7 +190,9 @@ def test_bad_checkpoints_exit_2(tmp_path, tiny_run):
     _fails(base + [str(future)], "format version 999")
     for key, damage, text in [("settings", None, "no settings"), ("meta", None, "no meta"),
                               ("meta", {**data["meta"], "classes": ["a", "b", "c"]},
-                               "3 classes in its meta, 2 in its model")]:
+                               "3 classes in its meta, 2 in its model"),
+                              ("meta", {**data["meta"], "inference": {"sigma_scale": "x"}},
+                               "inference choice without a blending")]:
         broken = torch.load(tiny_run / "checkpoints" / "last.pt", weights_only=True)
         if damage is None:
             del broken[key]

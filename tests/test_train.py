@@ -106,6 +106,8 @@ def test_each_method_trains_through_the_cli(data, tmp_path, method):
         # The blending/post-processing chosen on validation reaches the checkpoint for predict.
         choice = val[-1]["val_choice"]
         assert summary["inference"] == meta["inference"] == choice and choice["iteration"] == 2
+        # best.pt is selected on the chosen blending's Dice, what predict delivers
+        assert summary["best_val_dice"] == choice["dice"] == val[-1]["val_dice_tuned"]
         assert choice["val_dice"]["sigma 1/8"] == pytest.approx(summary["val_dice"], abs=1e-6)
         assert max(choice["val_dice"].values()) == choice["val_dice"][variant_name(
             choice["sigma_scale"], choice["keep_largest"])]

@@ -8,7 +8,7 @@ import torch
 
 from crlnseg.config import resolve_settings
 from crlnseg.data.manifest import load_manifest
-from crlnseg.inference.choice import apply_choice, choose, variant_name
+from crlnseg.inference.choice import apply_choice, check_choice, choose, variant_name
 from crlnseg.inference.postprocess import keep_largest_component
 from crlnseg.inference.predictor import Predictor
 from crlnseg.method.crln import build_model
@@ -87,6 +87,34 @@ def test_choose_prefers_the_default_on_ties() -> None:
     assert choose(tie)["sigma_scale"] == 1 / 8 and not choose(tie)["keep_largest"]
     better = {(1 / 8, False): 0.8, (1 / 3, False): 0.79, (1 / 3, True): 0.81}
     assert choose(better)["sigma_scale"] == 1 / 3 and choose(better)["keep_largest"]
+
+
+def test_a_choice_applies_only_with_the_blending_it_was_scored_with() -> None:
+    uniform = choose({(None, False): 0.7, (None, True): 0.8})
+    assert uniform["blend"] == "uniform"
+    gauss, note = apply_choice(PredictSettings(), uniform)
+    assert (gauss.sigma_scale, gauss.keep_largest) == (1 / 8, False) and "not using" in note
+    strided, note = apply_choice(PredictSettings(mode="uniform", stride=(4, 4, 4)), uniform)
+    assert strided.keep_largest and "largest component kept" in note
+
+
+def test_an_explicit_sigma_outside_the_candidates_keeps_the_chosen_post_processing() -> None:
+    choice = choose({(1 / 8, False): 0.7, (1 / 3, False): 0.6, (1 / 8, True): 0.8,
+                     (1 / 3, True): 0.9})
+    s, _ = apply_choice(PredictSettings(sigma_scale=0.25), choice)
+    assert (s.sigma_scale, s.keep_largest) == (0.25, True)
+    s, _ = apply_choice(PredictSettings(sigma_scale=1 / 8), choice)  # best with 1/8: largest
+    assert (s.sigma_scale, s.keep_largest) == (1 / 8, True)
+    s, note = apply_choice(PredictSettings(keep_largest=False), choice)  # best without: 1/8
+    assert (s.sigma_scale, s.keep_largest) == (1 / 8, False) and note is None
+
+
+def test_damaged_choices_are_named() -> None:
+    good = choose({(1 / 8, False): 0.7, (1 / 3, True): 0.8})
+    assert check_choice(good) is None and check_choice(None) is None
+    assert "blending" in check_choice({"sigma_scale": "x"})
+    assert "bad score" in check_choice({**good, "scores": [["x", True, 0.8]]})
+    assert "bad score" in check_choice({**good, "scores": [[-2.0, True, 0.8]]})
 
 
 def test_explicit_settings_beat_the_runs_choice() -> None:

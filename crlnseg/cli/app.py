@@ -132,7 +132,8 @@ def option_error(err: Any, options: dict[str, str] | None = None) -> Exception:
     first = err.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else ""
     option = (options or {}).get(field, field).replace("_", "-")
-    return ConfigError(f"--{option}: {first['msg']}" if option else first["msg"])
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our checks
+    return ConfigError(f"--{option}: {message}" if option else message)
 
 
 def _register() -> None:

@@ -59,7 +59,7 @@ def discover_cases(folder: Path, require_labels: bool = False,
     if folder.is_file():
         cases = [discover_single(folder)]
     elif not folder.is_dir():
-        raise DataError(f"{folder}: {_missing(folder)}")
+        raise DataError(f"{folder}: {missing_reason(folder)}")
     elif (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir():
         cases = _nnunet(folder)
     elif (folder / "images").is_dir():
@@ -77,16 +77,18 @@ def discover_cases(folder: Path, require_labels: bool = False,
     return sorted(cases, key=lambda c: c.id)
 
 
-def discover_single(path: Path) -> CaseFiles:
-    """One image file (or one HDF5 case file) as a case; the ID comes from its name."""
+def discover_single(path: Path, channels: bool = True) -> CaseFiles:
+    """One image file (or one HDF5 case file) as a case; the ID comes from its name (without an
+    nnU-Net channel suffix unless ``channels`` is False: masks have no channels)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: {_missing(path)}")
+        raise DataError(f"{path}: {missing_reason(path)}")
     if is_h5_file(path):
         return _h5_case(path)
     if not is_image_file(path):
         raise DataError(f"{path}: not a supported image (.nii, .nii.gz, .nrrd, .mha, .mhd, .h5)")
-    return CaseFiles(id=strip_channel(split_suffix(path)[0]), images=[path])
+    stem = split_suffix(path)[0]
+    return CaseFiles(id=strip_channel(stem) if channels else stem, images=[path])
 
 
 def h5_has_label(path: Path) -> bool:
@@ -107,7 +109,8 @@ def _h5_case(path: Path) -> CaseFiles:
     return CaseFiles(id=case_id, images=[path], label=path if h5_has_label(path) else None)
 
 
-def _missing(path: Path) -> str:
+def missing_reason(path: Path) -> str:
+    """Why ``path`` cannot be opened: a dangling link (named) or nothing there."""
     if path.is_symlink():
         return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
     return "no such file or folder"
@@ -119,7 +122,7 @@ def _entries(folder: Path) -> list[Path]:
     for path in entries:
         suffix = split_suffix(path)[1].lower()
         if (suffix in IMAGE_SUFFIXES + H5_SUFFIXES or not suffix) and not path.exists():
-            raise DataError(f"{path}: {_missing(path)}")
+            raise DataError(f"{path}: {missing_reason(path)}")
     return entries
 
 

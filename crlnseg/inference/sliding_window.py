@@ -98,7 +98,7 @@ def _batches(origins: list[Triple], size: int) -> Iterator[list[Triple]]:
 def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
                    out_channels: int, blend: Blend = "gaussian", overlap: float = 0.5,
                    stride: Sequence[int] | None = None, batch_size: int = 1,
-                   sigma_scale: float = 1.0 / 8.0,
+                   sigma_scale: float | None = 1.0 / 8.0,
                    device: torch.device | str = "cpu",
                    buffer_device: torch.device | str | None = None,
                    progress: Callable[[Iterator[list[Triple]], int], Iterator[list[Triple]]]
@@ -111,7 +111,8 @@ def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
     """
     patch = tuple(int(p) for p in patch)
     if blend == "gaussian":
-        weight = gaussian_importance_map(patch, sigma_scale)
+        # None: nnU-Net's 1/8, so a PredictSettings left unresolved still blends as the default
+        weight = gaussian_importance_map(patch, 1.0 / 8.0 if sigma_scale is None else sigma_scale)
     else:
         weight = torch.ones(patch, dtype=torch.float32)
     return blend_patches(image, patch_fn, patch, out_channels, [weight], overlap, stride,

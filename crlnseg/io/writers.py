@@ -98,7 +98,7 @@ def check_output(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise OutputExistsError(f"{path}: is a folder; expected a file name")
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
+        raise OutputExistsError(f"{path}: output exists; use --overwrite to replace it")
     if not path.parent.is_dir():
         problem = "is not a folder" if path.parent.exists() else "does not exist"
         raise OutputExistsError(f"{path}: output folder {path.parent} {problem}")
@@ -127,7 +127,8 @@ def check_outputs(paths: list[Path], overwrite: bool) -> None:
     existing += [d for p in paths if (d := data_file(p)) is not None and d.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise OutputExistsError(f"{existing[0]}: output exists{more}; use --overwrite")
+        raise OutputExistsError(f"{existing[0]}: output exists{more}; use --overwrite to "
+                               "replace it")
     first_per_folder: dict[Path, Path] = {}
     for p in paths:
         first_per_folder.setdefault(p.parent, p)
