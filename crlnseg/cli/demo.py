@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
                                     help="Folder for every artefact."),
         overwrite: bool = typer.Option(False, "--overwrite",
                                        help="Replace the artefacts of an earlier demo in DIR."),
-        iterations: int = typer.Option(None, "--iterations", min=1,
+        iterations: int | None = typer.Option(None, "--iterations", min=1,
                                        help="Training iterations (default 240)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the dataset and of training."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),

@@ -30,13 +30,15 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         pred: Path = typer.Argument(..., help="Predicted mask file or folder."),
         gt: Path = typer.Argument(..., help="Ground-truth mask file or folder."),
-        classes: str = typer.Option(None, "--classes", help="Labels to evaluate, e.g. 1,2,3 "
+        classes: str | None = typer.Option(None, "--classes", help="Labels to evaluate, e.g. 1,2,3 "
                                     "(default: every non-zero label of any GT case)."),
         voxel_units: bool = typer.Option(False, "--voxel-units",
                                          help="Distances in voxels (spacing 1) instead of mm."),
-        fmt: str = typer.Option(None, "--format", help="table, json or csv (default: table on "
-                                "a terminal, else json; with -o: from the file suffix)."),
-        output: Path = typer.Option(None, "-o", "--output", help="Write the report to this file."),
+        fmt: str | None = typer.Option(None, "--format",
+            help="table, json or csv (default: table on "
+                 "a terminal, else json; with -o: from the file suffix)."),
+        output: Path | None = typer.Option(None, "-o", "--output",
+            help="Write the report to this file."),
         bootstrap: int = typer.Option(0, "--bootstrap", help="Bootstrap resamples for the 95% "
                                       "interval of each mean (0: none)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),

@@ -74,8 +74,9 @@ def register(app: typer.Typer) -> None:
                                             "case, or a folder of cases."),
         output: Path = typer.Option(..., "-o", "--output", help="Mask file or output folder."),
         model: Path = MODEL, checkpoint: str = CHECKPOINT, device: str = DEVICE,
-        tta: bool = TTA, overlap: float = OVERLAP, sigma: float = SIGMA,
-        stride: tuple[int, int, int] = STRIDE, blend: str = BLEND, batch_size: int = BATCH,
+        tta: bool = TTA, overlap: float = OVERLAP, sigma: float | None = SIGMA,
+        stride: tuple[int, int, int] | None = STRIDE,
+        blend: str | None = BLEND, batch_size: int = BATCH,
         save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write "
                                                 "<ID>_probabilities.npz (float16, C X Y Z)."),
         keep_largest: bool | None = typer.Option(

@@ -41,13 +41,16 @@ def register(app: typer.Typer) -> None:
                                             "case, or a folder of cases."),
         out: Path = typer.Option(..., "-o", "--output", help="Output folder."),
         model: Path = MODEL, checkpoint: str = CHECKPOINT,
-        labels: Path = typer.Option(None, "--labels", help="Folder of ground-truth <ID> masks: "
-                                    "adds Dice of raw and rectified pseudo-labels."),
+        labels: Path | None = typer.Option(None, "--labels",
+            help="Folder of ground-truth <ID> masks: "
+                 "adds Dice of raw and rectified pseudo-labels."),
         threshold: float = typer.Option(0.97, "--threshold", min=0.0, max=1.0,
                                         help="Confidence of a reliable voxel."),
         preview: bool = typer.Option(False, "--preview", help="Write preview/<ID>.png."),
-        device: str = DEVICE, tta: bool = TTA, overlap: float = OVERLAP, sigma: float = SIGMA,
-        stride: tuple[int, int, int] = STRIDE, blend: str = BLEND, batch_size: int = BATCH,
+        device: str = DEVICE, tta: bool = TTA, overlap: float = OVERLAP,
+        sigma: float | None = SIGMA,
+        stride: tuple[int, int, int] | None = STRIDE,
+        blend: str | None = BLEND, batch_size: int = BATCH,
         tuned: bool = TUNED, amp: bool = AMP, overwrite: bool = OVERWRITE,
     ) -> None:
         from crlnseg.rectify import rectify_paths
