@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from crlnseg.console import log
-from crlnseg.errors import OutputExistsError
+from crlnseg.errors import ConfigError, OutputExistsError
 from crlnseg.io.writers import make_folder
 
-__all__ = ["DemoPlan", "FULL", "QUICK", "ARTEFACTS", "DemoResult", "check_output", "run_demo"]
+__all__ = ["DemoPlan", "FULL", "QUICK", "ARTEFACTS", "MARKER", "DemoResult", "check_output",
+           "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -67,20 +68,31 @@ class DemoResult:
     seconds: dict[str, float]  # per stage
 
 
+MARKER = ".crlnseg-demo"  # written first: only a folder that has it holds the demo's artefacts
+
+
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``out`` unless ``overwrite``, which removes only the demo's artefacts."""
+    """Refuse a non-empty ``out`` unless ``overwrite``, which removes only the artefacts of an
+    earlier demo (a folder marked by :data:`MARKER`); a folder whose ``data/``, ``run/``... the
+    demo did not write is never cleared."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"{out}: folder exists and is not empty (use --overwrite)")
-        for name in ARTEFACTS:  # anything else in the folder is the user's: left alone
+        present = [n for n in ARTEFACTS if (out / n).exists() or (out / n).is_symlink()]
+        if present and not (out / MARKER).is_file():
+            raise OutputExistsError(f"{out}: holds {present[0]} but no earlier demo wrote it "
+                                    f"(no {MARKER}); choose another folder")
+        for name in present:  # anything else in the folder is the user's: left alone
             path = out / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
+            else:
                 path.unlink()
     make_folder(out)
+    (out / MARKER).write_text("crlnseg demo artefacts: data prepared run pseudo_labels "
+                              "predictions evaluation.json\n")
 
 
 @contextlib.contextmanager
@@ -99,6 +111,7 @@ def run_demo(out: Path, seed: int = 0, iterations: int | None = None, quick: boo
              train: Callable[..., Any] | None = None) -> DemoResult:
     """Run every stage into ``out``; returns the test-set report and the pseudo-label summary."""
     from crlnseg.evaluate import EvaluateSettings, evaluate, write_text
+    from crlnseg.inference.predictor import resolve_device
     from crlnseg.predict import predict_paths
     from crlnseg.prepare import prepare_dataset
     from crlnseg.rectify import rectify_paths
@@ -108,6 +121,9 @@ def run_demo(out: Path, seed: int = 0, iterations: int | None = None, quick: boo
     plan = QUICK if quick else FULL
     plan = replace(plan, iterations=iterations or plan.iterations)
     out = Path(out)
+    if device not in ("auto", "cpu", "cuda"):  # checked before anything is written
+        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
+    resolve_device(device)
     check_output(out, overwrite)
     data, prepared, run = out / "data", out / "prepared", out / "run"
     t: dict[str, float] = {}

@@ -191,8 +191,9 @@ def predict_paths(inputs: list[Path], output: Path, model: Path,
     check_not_inputs(outputs, [p for case, _ in plan for p in case.images])
     check_outputs(outputs, overwrite)
     predictor = Predictor.from_run(model, which, settings or PredictSettings())
-    if predictor.choice_note:
-        log(predictor.choice_note)
+    for note in (predictor.choice_note, predictor.relation_note()):
+        if note:
+            log(note)
     check_channels(check_headers([case for case, _ in plan], predictor.prepare.h5_spacing),
                    predictor.channels)
     results = []

@@ -108,7 +108,8 @@ def case_row(case_id: str, pred: Any, threshold: float, classes: int,
              label: np.ndarray | None) -> dict[str, Any]:
     """One summary row from a :class:`RectifiedPrediction` (and the ground truth, if any)."""
     raw_ok, rect_ok = pred.raw_confidence >= threshold, pred.confidence >= threshold
-    row: dict[str, Any] = {"case": case_id, "mu": round(pred.mu, 6),
+    mu = None if pred.mu is None else round(pred.mu, 6)
+    row: dict[str, Any] = {"case": case_id, "mu": mu,
                            "reliable_raw": float(raw_ok.mean()),
                            "reliable_rectified": float(rect_ok.mean()),
                            "seconds": round(pred.seconds, 3)}
@@ -156,8 +157,9 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
     # Pseudo-labels show the network's output: no connected-component post-processing.
     settings = (settings or PredictSettings()).model_copy(update={"keep_largest": False})
     predictor = Predictor.from_run(model, which, settings)
-    if predictor.choice_note:
-        log(predictor.choice_note)
+    for note in (predictor.choice_note, predictor.relation_note()):
+        if note:
+            log(note)
     spacing = predictor.prepare.h5_spacing
     headers = check_headers(cases, spacing)
     check_channels(headers, predictor.channels)

@@ -16,10 +16,11 @@ class StandIn(nn.Module):
     """Flip-equivariant stand-in for CRLNModel: f = s * (level, mean3x3x3(x)), M = (0, shift)."""
 
     def __init__(self, scale: float = 4.0, level: float = 1.4, shift: float = 2.0,
-                 mu: float = 0.5) -> None:
+                 mu: float = 0.5, has_relation: bool = True) -> None:
         super().__init__()
         self.scale, self.level, self.shift = scale, level, shift
         self.mu_raw = nn.Parameter(torch.tensor(mu))
+        self.has_relation = has_relation  # False: a baseline (mean teacher, supervised), no M(x)
 
     @property
     def mu(self) -> torch.Tensor:
@@ -30,7 +31,7 @@ class StandIn(nn.Module):
                                           count_include_pad=False)
         logits = self.scale * torch.cat([torch.full_like(smooth, self.level), smooth], dim=1)
         relation = None
-        if with_relation:
+        if with_relation and self.has_relation:
             relation = torch.cat([torch.zeros_like(smooth), torch.full_like(smooth, self.shift)],
                                  dim=1)
         return SimpleNamespace(logits=logits, relation=relation, embedding=None)

@@ -56,6 +56,19 @@ def test_check_output_refuses_and_keeps_user_files(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError, match="not a folder"):
         check_output(tmp_path / "file", overwrite=True)
+    # A folder the demo never wrote keeps its data/ even with --overwrite.
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    (tmp_path / "proj" / "data" / "my_scans.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="no earlier demo wrote it"):
+        check_output(tmp_path / "proj", overwrite=True)
+    assert (tmp_path / "proj" / "data" / "my_scans.txt").read_text() == "mine"
+
+
+def test_bad_device_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "d"),
+                                      "--device", "bogus"])
+    assert result.exit_code == 2 and "--device" in result.stderr, result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_unwritable_output_exit_2(tmp_path: Path) -> None:

@@ -26,6 +26,17 @@ def tiny_run(tmp_path_factory):
     return make_tiny_run(tmp_path_factory.mktemp("run"))
 
 
+def test_a_run_without_relation_map_says_so_and_reports_no_mu():
+    image, label = blob_image((22, 18, 12), seed=4)
+    predictor = Predictor(StandIn(has_relation=False), PredictSettings(device="cpu"), (8, 8, 8),
+                          PrepareSettings(), channels=1, classes=["bg", "fg"],
+                          meta={"method": "supervised"})
+    pred = predictor.rectify_volume(Volume(image, Geometry()))
+    assert pred.mu is None and "(supervised) has no relationship map" in predictor.relation_note()
+    np.testing.assert_array_equal(pred.raw, pred.rectified)
+    assert case_row("c", pred, 0.97, 2, label)["mu"] is None
+
+
 def test_rectify_volume_blends_both_heads_in_one_pass():
     image, label = blob_image((22, 18, 12), seed=4)
     predictor = Predictor(StandIn(mu=0.5), PredictSettings(device="cpu"), (8, 8, 8),

@@ -52,7 +52,7 @@ class RectifiedPrediction:
     rectified: np.ndarray       # (X, Y, Z) uint8: argmax softmax(f + (1 - mu) M)
     raw_confidence: np.ndarray  # (X, Y, Z) float32: max softmax(f)
     confidence: np.ndarray      # (X, Y, Z) float32: max softmax(f + (1 - mu) M)
-    mu: float
+    mu: float | None            # None: the run has no M(x) (mean teacher, supervised)
     seconds: float
 
 
@@ -128,9 +128,24 @@ class Predictor:
         return cls(net, settings, tuple(run.train.patch), prepare, channels, classes, device, meta)
 
     @property
-    def mu(self) -> float:
-        mu = getattr(self.model, "mu", None)
-        return 1.0 if mu is None else float(torch.as_tensor(mu).detach())
+    def mu(self) -> float | None:
+        """The teacher's mu; None for a run without a relationship map M(x) (mean teacher,
+        supervised), whose "rectified" output is softmax(f)."""
+        if not self.has_relation:
+            return None
+        return float(torch.as_tensor(self.model.mu).detach())
+
+    @property
+    def has_relation(self) -> bool:
+        return bool(getattr(self.model, "has_relation", False))
+
+    def relation_note(self) -> str | None:
+        """A log line for runs that cannot rectify, else None."""
+        if self.has_relation or not self.settings.rectify:
+            return None
+        method = self.meta.get("method", "without prototypes")
+        return (f"this run ({method}) has no relationship map M(x): its rectified output is the "
+                "teacher's softmax(f), unchanged")
 
     # -- the network on patches --------------------------------------------------------------
     def _patch_fn(self, heads: Heads) -> Callable[[torch.Tensor], torch.Tensor]:

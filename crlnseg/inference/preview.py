@@ -40,7 +40,8 @@ def save_preview(image: np.ndarray, pred: Any, path: Path, overwrite: bool = Fal
         row[0].set_title(f"z={z}: raw (orange), rectified (cyan)", fontsize=8)
         shown = row[1].imshow(pred.confidence[:, :, z].T, cmap="viridis", vmin=0.5, vmax=1.0,
                               origin="lower")
-        row[1].set_title(f"confidence (mu={pred.mu:.3f})", fontsize=8)
+        mu = "no M(x)" if pred.mu is None else f"mu={pred.mu:.3f}"
+        row[1].set_title(f"confidence ({mu})", fontsize=8)
         fig.colorbar(shown, ax=row[1], fraction=0.046)
         for ax in row:
             ax.set_axis_off()
