@@ -131,3 +131,30 @@ def test_sigterm_is_handled_like_ctrl_c() -> None:
     assert result.exit_code == 128 + signal.SIGTERM
     assert result.output.strip() == "error: terminated"
     assert cleaned == [True]
+
+
+def test_entry_point_usage_errors_are_one_line_and_exit_codes_propagate(tmp_path) -> None:
+    """Through ``main`` (what the ``crlnseg`` script runs), not CliRunner: click's usage errors
+    are one line (no framed block) with exit 2, and a command's exit status comes through."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+
+    def run(*args: str) -> tuple[int, list[str]]:
+        done = subprocess.run([sys.executable, "-m", "crlnseg", *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+        return done.returncode, done.stderr.strip().splitlines()
+
+    code, lines = run("train", "--iterations", "abc")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: Invalid value"), lines
+    assert "crlnseg train --help'" in lines[0]
+    code, lines = run("bogus")
+    assert code == 2 and len(lines) == 1 and "No such command" in lines[0]
+    code, lines = run("evaluate", str(tmp_path / "none"), str(tmp_path / "none2"))
+    assert code == 2 and lines == [f"error: {tmp_path / 'none'}: prediction path does not exist"]
+    assert run("--version")[0] == 0

@@ -148,4 +148,30 @@ _register()
 
 
 def main() -> None:
-    app()
+    """The ``crlnseg`` entry point: click's usage errors (unknown option, bad value) become one
+    line on stderr and exit 2, as every other bad input does, instead of a framed block."""
+    try:
+        code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+        if isinstance(code, int):
+            sys.exit(code)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except typer.Abort:  # Ctrl-C before a command took over
+        fail_now("interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - click's errors (typer may vendor click): duck-typed
+        if not hasattr(err, "format_message"):
+            raise
+        code, message = int(getattr(err, "exit_code", 2)), err.format_message()
+        if not message:  # e.g. no arguments: click has printed the help already
+            sys.exit(code)
+        ctx = getattr(err, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        fail_now(f"{message}{where}", code)
+
+
+def fail_now(message: str, code: int) -> None:
+    """:func:`fail` outside a command: print the line and leave the process."""
+    try:
+        fail(message, code)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
