@@ -356,3 +356,11 @@ def test_headers_checked_without_reading_voxels(tmp_path: Path) -> None:
     (tmp_path / "bad.nii.gz").write_bytes(b"not an image")
     with pytest.raises(DataError, match="bad.nii.gz: unreadable"):
         read_header(tmp_path / "bad.nii.gz")
+
+
+def test_an_output_folder_that_cannot_exist_is_an_output_error() -> None:
+    from crlnseg.errors import OutputExistsError
+    from crlnseg.io.writers import make_folder
+
+    with pytest.raises(OutputExistsError, match="cannot write"):
+        make_folder(Path("/proc/crlnseg-cannot-exist"))  # procfs refuses new folders

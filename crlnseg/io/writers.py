@@ -38,7 +38,8 @@ DATA_SUFFIXES = {".mhd": ".zraw", ".nhdr": ".raw.gz"}
 SPLIT_SUFFIXES = tuple(DATA_SUFFIXES)
 # errno values meaning "this output cannot be written here" (bad output, exit 2), as opposed to
 # ENOSPC, EIO... (runtime failures, exit 1).
-_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR})
+_UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+                         errno.ENOENT})  # ENOENT: e.g. a folder that cannot exist (/proc/x)
 
 
 def write_image(array: np.ndarray, reference: Volume, path: Path, overwrite: bool = False) -> None:
