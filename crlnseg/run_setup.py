@@ -341,7 +341,12 @@ def discard_unsaved_run(plan: RunPlan, err: BaseException, signum: int | None = 
     one-line RunInterrupted for a signal."""
     if plan.resume or (plan.out / "checkpoints" / "last.pt").is_file():
         return err  # a checkpoint exists: --resume continues from it
-    _remove(plan.discard, plan.discard_parents)
+    discard = plan.discard
+    others = [] if plan.out in discard else [
+        p for p in plan.out.iterdir() if p not in discard and p.name != "prepared"]
+    if others:  # files of the user's own: stay a (checkpoint-less) run, --overwrite may retry
+        discard = [p for p in discard if p.name not in ("settings.json", "environment.json")]
+    _remove(discard, plan.discard_parents)
     return _interrupted(err, plan.out, plan.out in plan.discard, signum)
 
 

@@ -375,6 +375,29 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_p
     assert _run(_base(data, out, iterations=1))[0] == 0  # the plain retry works
 
 
+def test_overwrite_failing_before_a_checkpoint_keeps_the_users_files(data, tmp_path,
+                                                                      monkeypatch):
+    import crlnseg.method.train_step as ts
+
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=1))[0] == 0
+    (out / "predictions").mkdir()
+    (out / "predictions" / "case0.nii.gz").write_text("mine")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("model could not be built")
+
+    monkeypatch.setattr(ts, "init_state", broken)
+    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 1
+    monkeypatch.undo()
+    assert (out / "predictions" / "case0.nii.gz").read_text() == "mine"
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    code, output = _run(_base(data, out, iterations=1))  # still a run, one without checkpoint
+    assert code == 2 and "saved no checkpoint; use --overwrite" in output, output
+    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 0
+    assert (out / "predictions" / "case0.nii.gz").read_text() == "mine"
+
+
 def test_interrupt_while_preparing_says_no_checkpoint_was_saved(data, tmp_path, monkeypatch):
     import crlnseg.prepare as prep
 
