@@ -38,19 +38,28 @@ def load_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a folder, not a settings file")
     if not path.is_file():
-        raise ConfigError(f"{path}: settings file not found")
-    text = path.read_text(encoding="utf-8")
+        raise ConfigError(f"--config {path}: settings file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start}); expected a YAML "
+                          "or JSON settings file") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read ({err.strerror})") from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         first = str(err).splitlines()[0]
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                          f"{first}") from None
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise ConfigError(f"--config {path}: not valid {kind}: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        raise ConfigError(f"--config {path}: expected a mapping of settings, "
+                          f"got {type(data).__name__}")
     return data
 
 
@@ -83,10 +92,13 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
                               "e.g. train.iterations=100")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as err:
+            if raw.strip()[:1] in "[{\"'" or "," not in raw:
+                raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                                  f"({_first_line(err)})") from None
             value = raw
         if isinstance(value, str) and "," in value:
-            value = [yaml.safe_load(v) for v in value.split(",")]
+            value = [_parse_piece(item, v) for v in value.split(",")]
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -94,11 +106,29 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def _first_line(err: Exception) -> str:
+    problem = getattr(err, "problem", None)  # yaml's own words ("expected ',' or ']', ...")
+    if problem:
+        return str(problem)
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _parse_piece(item: str, piece: str) -> Any:
+    """One element of a bare comma-separated ``--set`` value, parsed as YAML."""
+    import yaml
+
+    try:
+        return yaml.safe_load(piece)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: element {piece!r} is not valid YAML "
+                          f"({_first_line(err)})") from None
+
+
 def validation_message(err: ValidationError, source: str = "settings") -> str:
     """One line for the first error: the dotted field, what arrived and what is allowed."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"])
-    kind, msg = first["type"], first["msg"]
+    kind, msg = first["type"], first["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         known = ", ".join(_known_keys(RunSettings, [str(p) for p in first["loc"][:-1]]))
         return f"{source}: unknown setting '{field}' (known: {known})"

@@ -7,7 +7,7 @@ Library code raises these with a message that names the file or case and the pro
 from __future__ import annotations
 
 __all__ = ["CrlnsegError", "DataError", "ConfigError", "OutputExistsError", "CheckpointError",
-           "RunFailure", "Terminated"]
+           "RunFailure", "RunInterrupted", "Terminated"]
 
 
 class CrlnsegError(Exception):
@@ -44,6 +44,15 @@ class RunFailure(CrlnsegError):
     """A runtime failure such as running out of memory (exit 1)."""
 
     exit_code = 1
+
+
+class RunInterrupted(CrlnsegError):
+    """SIGINT / SIGTERM before a fresh training run saved its first checkpoint: what the run had
+    written is removed; ``exit_code`` is 130 or 143 (128 + the signal)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Terminated(KeyboardInterrupt):

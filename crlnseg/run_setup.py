@@ -1,37 +1,59 @@
 """Before the loop: check the run folder and the inputs, adopt the dataset, write the run's files.
 
 Everything that can refuse a run does so here, once, before any process is spawned, with a
-one-line error (exit 2): RUN_DIR exists without ``--resume`` / ``--overwrite``, bad data, settings
-inconsistent with the data, a resume whose settings changed what the checkpoint means. A folder
-this step created is removed again when it fails, so bad input leaves nothing behind.
+one-line error (exit 2): RUN_DIR exists without ``--resume`` / ``--overwrite``, RUN_DIR is a
+non-empty folder that is not a crlnseg run (never used or cleared, even with ``--overwrite``) or
+lies inside an input, bad data, settings inconsistent with the data, a resume whose settings,
+data or number of processes changed what the checkpoint means. A crlnseg run is recognised by
+its own ``settings.json`` and ``environment.json`` (:func:`is_run`).
+
+What a fresh run creates is listed in the plan (``RunPlan.discard``): when planning fails, or
+the run fails or is interrupted before its first checkpoint, it is removed again
+(:func:`discard_unsaved_run`), so nothing half-written blocks a retry.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from crlnseg.console import log
-from crlnseg.errors import CheckpointError, ConfigError, CrlnsegError, DataError, OutputExistsError
+from crlnseg.errors import (
+    CheckpointError,
+    ConfigError,
+    CrlnsegError,
+    DataError,
+    OutputExistsError,
+    RunInterrupted,
+)
 from crlnseg.settings import RunSettings
 from crlnseg.train import RunPlan
 
-__all__ = ["RESUME_MAY_CHANGE", "OUTPUTS", "resolve_world", "prepared_folder", "adopt_dataset",
-           "check_resume", "plan_run", "plan_on_rank0"]
+__all__ = ["RESUME_MAY_CHANGE", "OUTPUTS", "CACHES", "resolve_world", "prepared_folder",
+           "adopt_dataset", "check_resume", "check_resume_world", "check_resume_data", "is_run",
+           "plan_run", "plan_on_rank0", "discard_unsaved_run"]
 
 # Settings a resumed run may change; anything else would make it a different run.
 RESUME_MAY_CHANGE = ("train.iterations", "train.log_every", "train.checkpoint_every",
                      "train.val_every", "train.val_stride", "train.num_workers", "train.device",
                      "train.amp")
 OUTPUTS = ("checkpoints", "metrics.jsonl", "training.png", "settings.json", "environment.json")
+CACHES = ("labelled", "unlabelled", "val")  # RUN/prepared/<name>: raw inputs prepared on the fly
 
 
 def resolve_world(device: str, gpus: int, nproc: int) -> tuple[str, int]:
     """(device type, number of processes) from ``--device``, ``--gpus`` and ``--nproc``."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: must be at least 1")
+    if gpus < 0:
+        raise ConfigError(f"--gpus {gpus}: must be 0 (none) or more")
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and nproc > 1 and nproc != gpus:
         raise ConfigError(f"--gpus {gpus} and --nproc {nproc} disagree; give one of them")
@@ -49,8 +71,11 @@ def resolve_world(device: str, gpus: int, nproc: int) -> tuple[str, int]:
     return "cpu", nproc
 
 
-def prepared_folder(folder: Path, cache: Path, settings: RunSettings) -> Path:
-    """``folder`` when it is a prepare output, else ``cache`` after preparing it (reused later)."""
+def prepared_folder(folder: Path, cache: Path, settings: RunSettings,
+                    overwrite: bool = False) -> Path:
+    """``folder`` when it is a prepare output, else ``cache`` after preparing it (reused later;
+    ``overwrite``: a cache prepared with other settings is replaced, as ``train --overwrite``
+    starts the run afresh)."""
     from crlnseg.data.manifest import is_prepared
     from crlnseg.prepare import prepare_dataset
 
@@ -60,7 +85,7 @@ def prepared_folder(folder: Path, cache: Path, settings: RunSettings) -> Path:
     if is_prepared(folder):
         return folder
     log(f"preparing {folder} into {cache} (cached for later runs)")
-    prepare_dataset(folder, cache, settings.prepare)
+    prepare_dataset(folder, cache, settings.prepare, overwrite=overwrite)
     return cache
 
 
@@ -129,33 +154,153 @@ def _check_batch_norm(settings: RunSettings) -> None:
                           "value per channel at the deepest level; use a larger patch or batch")
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run written by ``crlnseg train``: its ``settings.json`` has the
+    sections of RunSettings and its ``environment.json`` lists the crlnseg version."""
+    folder = Path(folder)
+    settings = _read_json(folder / "settings.json")
+    env = _read_json(folder / "environment.json")
+    return (isinstance(settings, dict) and all(isinstance(settings.get(k), dict)
+                                               for k in RunSettings.model_fields)
+            and isinstance(env, dict) and isinstance(env.get("packages"), dict)
+            and "crlnseg" in env["packages"])
+
+
+def _only_caches(folder: Path) -> bool:
+    """A folder holding nothing but ``prepared/`` caches of crlnseg (a run that never started)."""
+    from crlnseg.data.manifest import is_prepared
+
+    if any(entry.name != "prepared" for entry in folder.iterdir()):
+        return False
+    prepared = folder / "prepared"
+    return not prepared.exists() or (prepared.is_dir() and all(
+        c.name in CACHES and is_prepared(c) for c in prepared.iterdir()))
+
+
 def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses a folder it must not use:
+    a non-empty folder that is not a crlnseg run is never used or cleared, even with --overwrite."""
     from crlnseg.checkpoint import load_checkpoint
 
-    last = out / "checkpoints" / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise CheckpointError(f"{out}: nothing to resume (no checkpoints/last.pt)")
-        return load_checkpoint(last)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder")
-    if any((out / name).exists() for name in OUTPUTS) and not overwrite:
-        raise OutputExistsError(f"{out} already holds a run; use --resume to continue it or "
-                                "--overwrite to start again")
-    return None
+    run = out.is_dir() and is_run(out)
+    last = out / "checkpoints" / "last.pt"
+    if resume:
+        if not out.exists():
+            raise CheckpointError(f"{out}: nothing to resume (no such run folder)")
+        if not run:
+            raise CheckpointError(f"{out}: nothing to resume (not a crlnseg run: no settings.json "
+                                  "and environment.json written by crlnseg train)")
+        if not last.is_file():
+            raise CheckpointError(f"{out}: nothing to resume (no checkpoints/last.pt); start "
+                                  "again with --overwrite")
+        return load_checkpoint(last)
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if run:
+        if not overwrite:
+            if not last.is_file():
+                raise OutputExistsError(f"{out} already holds a run that saved no checkpoint; "
+                                        "use --overwrite to start again (--resume needs "
+                                        "checkpoints/last.pt)")
+            raise OutputExistsError(f"{out} already holds a run; use --resume to continue it or "
+                                    "--overwrite to start again")
+        return None
+    if _only_caches(out):
+        return None
+    raise OutputExistsError(f"{out}: exists, is not empty and is not a crlnseg run folder; "
+                            "choose a new or empty folder (--overwrite never clears a folder "
+                            "that crlnseg train did not write)")
+
+
+def _check_inputs(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Every given input exists, and the run folder is neither an input nor inside one."""
+    dst = out.resolve()
+    for option, folder in inputs.items():
+        if folder is None:
+            continue
+        if not Path(folder).exists():
+            raise DataError(f"{option} {folder}: no such file or folder")
+        src = Path(folder).resolve()
+        if dst == src or src in dst.parents:
+            where = "is" if dst == src else "is inside"
+            raise OutputExistsError(f"-o {out}: {where} the {option} folder {folder}; the run "
+                                    "folder must be outside its inputs (inputs are never "
+                                    "modified)")
+        if any(dst / name == src or dst / name in src.parents for name in OUTPUTS):
+            raise OutputExistsError(f"{option} {folder}: lies inside the run's own outputs in "
+                                    f"{out}; move it out of the run folder")
+
+
+def _identity(manifest: Any) -> dict[str, Any] | None:
+    """What a resume must train on again: the case IDs and the dataset fingerprint."""
+    if manifest is None:
+        return None
+    return {"cases": list(manifest.ids), "fingerprint": manifest.fingerprint}
+
+
+def check_resume_world(meta: dict[str, Any], world: int) -> None:
+    """A resume must use as many processes: they set the effective batch and the random
+    streams (one per rank)."""
+    saved = meta.get("world_size")
+    if saved is not None and int(saved) != world:
+        raise ConfigError(f"--resume: the run was trained with {saved} process(es), now {world}; "
+                          "that changes the effective batch and the random streams: resume with "
+                          "the same --gpus / --nproc / --device")
+
+
+def check_resume_data(meta: dict[str, Any], data: dict[str, Any]) -> None:
+    """A resume must train on the data the checkpoint was trained on (checkpoints written
+    before this was recorded are not checked)."""
+    old = meta.get("data")
+    if not isinstance(old, dict):
+        return
+    for key, option in (("labelled", "--labelled"), ("unlabelled", "--unlabelled")):
+        was, now = old.get(key), data.get(key)
+        if was == now:
+            continue
+        if was is None or now is None:
+            what = f"the run was trained {'without' if was is None else 'with'} unlabelled data"
+        elif was["cases"] != now["cases"]:
+            what = (f"{len(was['cases'])} case(s) before, {len(now['cases'])} now"
+                    if len(was["cases"]) != len(now["cases"]) else "other case IDs")
+        else:
+            what = "same case IDs, other contents"
+        raise ConfigError(f"--resume: {option} is not the data the run was trained on ({what}); "
+                          "resume with the same data, or start a new run")
+
+
+def _check_resume_prepare(saved: dict[str, Any], settings: RunSettings) -> None:
+    """Before anything is prepared: a resume keeps the run's preprocessing."""
+    old = saved.get("prepare", {})
+    for key in sorted(settings.prepare.model_fields_set):
+        new = settings.prepare.model_dump(mode="json")[key]
+        if key in old and old[key] != new:
+            raise ConfigError(f"--resume: prepare.{key} was {old[key]!r}, now {new!r}; a resumed "
+                              f"run may change only {', '.join(RESUME_MAY_CHANGE)}")
 
 
 def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: Path | None,
-                 val: Path | None) -> tuple[RunSettings, Path, Path | None, Path | None, int]:
+                 val: Path | None, overwrite: bool = False
+                 ) -> tuple[RunSettings, Path, Path | None, Path | None, int, dict[str, Any]]:
     from crlnseg.data.manifest import load_manifest
     from crlnseg.data.sampling import check_training_data
 
-    lab_dir = prepared_folder(labelled, out / "prepared" / "labelled", settings)
+    lab_dir = prepared_folder(labelled, out / "prepared" / "labelled", settings, overwrite)
     lab = load_manifest(lab_dir)
     settings = adopt_dataset(settings, lab, labelled)
     unl_dir = unl = None
     if unlabelled is not None and settings.method.method != "supervised":
-        unl_dir = prepared_folder(unlabelled, out / "prepared" / "unlabelled", settings)
+        unl_dir = prepared_folder(unlabelled, out / "prepared" / "unlabelled", settings,
+                                  overwrite)
         unl = load_manifest(unl_dir)
         if unl.settings != lab.settings:
             raise DataError(f"{unlabelled} was prepared with other settings than {labelled}")
@@ -164,55 +309,126 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
                                    names)
     val_dir = None
     if val is not None:
-        val_dir = prepared_folder(val, out / "prepared" / "val", settings)
+        val_dir = prepared_folder(val, out / "prepared" / "val", settings, overwrite)
         vm = load_manifest(val_dir)
         if vm.settings != lab.settings:
             raise DataError(f"{val} was prepared with other settings than {labelled}")
         check_training_data(vm, None, (16, 16, 16), settings.model.num_classes, (Path(val), None))
         if vm.channels != channels:
             raise DataError(f"{val} has {vm.channels} channel(s), the training data {channels}")
-    return settings, lab_dir, unl_dir, val_dir, channels
+    data = {"labelled": _identity(lab), "unlabelled": _identity(unl)}
+    return settings, lab_dir, unl_dir, val_dir, channels, data
+
+
+def _remove(paths: list[Path], parents: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() or path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
+    for folder in parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def discard_unsaved_run(plan: RunPlan, err: BaseException, signum: int | None = None
+                        ) -> BaseException:
+    """After a fresh run failed or was interrupted before its first checkpoint: remove what this
+    invocation wrote (nothing half-written blocks a retry); returns the exception to raise, a
+    one-line RunInterrupted for a signal."""
+    if plan.resume or (plan.out / "checkpoints" / "last.pt").is_file():
+        return err  # a checkpoint exists: --resume continues from it
+    discard = plan.discard
+    others = [] if plan.out in discard else [
+        p for p in plan.out.iterdir() if p not in discard and p.name != "prepared"]
+    if others:  # files of the user's own: stay a (checkpoint-less) run, --overwrite may retry
+        discard = [p for p in discard if p.name not in ("settings.json", "environment.json")]
+    _remove(discard, plan.discard_parents)
+    return _interrupted(err, plan.out, plan.out in plan.discard, signum)
+
+
+def _interrupted(err: BaseException, out: Path, removed_folder: bool,
+                 signum: int | None = None) -> BaseException:
+    from crlnseg.errors import Terminated
+
+    if signum is None and not isinstance(err, KeyboardInterrupt):
+        return err
+    term = signum == signal.SIGTERM or (signum is None and isinstance(err, Terminated))
+    what = (f"removed {out}" if removed_folder else f"removed what it had written in {out}")
+    return RunInterrupted(f"{'terminated' if term else 'interrupted'} before the first "
+                          f"checkpoint: no checkpoint was saved (nothing to --resume); {what}; "
+                          "run the same command again to start afresh",
+                          128 + (signal.SIGTERM if term else signal.SIGINT))
 
 
 def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSettings,
              val: Path | None = None, gpus: int = 0, nproc: int = 1, resume: bool = False,
-             overwrite: bool = False) -> RunPlan:
-    """All checks, on-the-fly preparation and the run's files; the plan every rank follows."""
+             overwrite: bool = False, world_size: int | None = None) -> RunPlan:
+    """All checks, on-the-fly preparation and the run's files; the plan every rank follows.
+
+    ``world_size``: the processes already started (torchrun) instead of ``gpus`` / ``nproc``.
+    """
     from crlnseg.io.writers import make_folder
     from crlnseg.run_folder import environment_info, write_json
 
     out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues "
+                          "the run, --overwrite starts it again; give one of them")
     device_type, world = resolve_world(settings.train.device, gpus, nproc)
+    world = world if world_size is None else world_size
     if unlabelled is None and settings.method.method != "supervised":
         raise ConfigError(f"--unlabelled is required for method {settings.method.method} "
                           "(or use --method supervised)")
+    _check_inputs(out, {"--labelled": labelled, "--unlabelled": unlabelled, "--val": val})
     _check_batch_norm(settings)
     saved = _check_run_dir(out, resume, overwrite)
-    created = not out.exists()
+    if saved is not None:
+        check_resume_world(saved["meta"], world)
+        _check_resume_prepare(saved["settings"], settings)
+    # What this invocation creates, removed again if the run fails before its first checkpoint.
+    parents = [p for p in [out, *out.parents] if not p.exists()]
+    fresh_caches = [c for c in [out / "prepared", *(out / "prepared" / n for n in CACHES)]
+                    if not c.exists()]
     try:
         make_folder(out)
-        settings, lab_dir, unl_dir, val_dir, channels = _load_inputs(settings, out, labelled,
-                                                                     unlabelled, val)
+        settings, lab_dir, unl_dir, val_dir, channels, data = _load_inputs(
+            settings, out, labelled, unlabelled, val, overwrite)
         if saved is not None:
             check_resume(saved["settings"], settings, int(saved["meta"]["iteration"]))
-    except (CrlnsegError, KeyboardInterrupt):
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+            check_resume_data(saved["meta"], data)
+    except BaseException as err:
+        _remove(parents[:1] if parents else fresh_caches, parents[1:])
+        raised = _interrupted(err, out, bool(parents))
+        if raised is err:
+            raise
+        raise raised from None
     if saved is None:
         for name in OUTPUTS:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    make_folder(out / "checkpoints")
-    write_json(out / "settings.json", settings.model_dump(mode="json"))
-    write_json(out / "environment.json", environment_info(device_type, world))
-    meta = {"classes": list(range(settings.model.num_classes)), "channels": channels,
-            "prepare": settings.prepare.model_dump(mode="json"),
-            "method": settings.method.method,
-            "best_val_dice": None if saved is None else saved["meta"].get("best_val_dice"),
-            "inference": None if saved is None else saved["meta"].get("inference")}
-    return RunPlan(out, settings, lab_dir, unl_dir, val_dir, meta, saved is not None, device_type,
-                   world)
+    discard = parents[:1] if parents else [*(out / name for name in OUTPUTS), *fresh_caches]
+    plan = RunPlan(out, settings, lab_dir, unl_dir, val_dir, {}, saved is not None, device_type,
+                   world, discard=[] if saved else discard,
+                   discard_parents=[] if saved else parents[1:])
+    try:
+        make_folder(out / "checkpoints")
+        write_json(out / "settings.json", settings.model_dump(mode="json"))
+        write_json(out / "environment.json", environment_info(device_type, world))
+    except BaseException as err:
+        raised = discard_unsaved_run(plan, err)
+        if raised is err:
+            raise
+        raise raised from None
+    plan.meta = {"classes": list(range(settings.model.num_classes)), "channels": channels,
+                 "prepare": settings.prepare.model_dump(mode="json"),
+                 "method": settings.method.method, "data": data,
+                 "best_val_dice": None if saved is None else saved["meta"].get("best_val_dice"),
+                 "inference": None if saved is None else saved["meta"].get("inference")}
+    return plan
 
 
 def plan_on_rank0(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSettings,
@@ -227,12 +443,8 @@ def plan_on_rank0(labelled: Path, unlabelled: Path | None, out: Path, settings: 
     box: list[Any] = [None]
     if d.is_main:
         try:
-            plan = plan_run(labelled, unlabelled, out, settings, val, 0, 1, resume, overwrite)
-            plan.world_size, plan.device_type = d.world_size, device_type
-            from crlnseg.run_folder import environment_info, write_json
-
-            write_json(plan.out / "environment.json", environment_info(device_type, d.world_size))
-            box[0] = plan
+            box[0] = plan_run(labelled, unlabelled, out, settings, val, 0, 1, resume, overwrite,
+                              world_size=d.world_size)
         except CrlnsegError as err:
             box[0] = err
     dist.broadcast_object_list(box, src=0)

@@ -139,7 +139,7 @@ class TrainSettings(Strict):
     batch_labelled: int = Field(2, ge=1, description="labelled crops per iteration (per process)")
     batch_unlabelled: int = Field(2, ge=0, description="unlabelled crops per iteration (per process)")
     foreground_oversample: float = Field(0.33, ge=0, le=1, description="share of labelled crops centred on foreground")
-    seed: int = Field(1337, description="random seed")
+    seed: int = Field(1337, ge=0, le=2**63 - 1, description="random seed (0 .. 2**63 - 1)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
     channels_last: bool | None = Field(None, description="channels-last 3D memory format; None: on the CPU (faster there, benchmarks/RESULTS.md), not on CUDA (not measured)")

@@ -46,6 +46,10 @@ class RunPlan:
     resume: bool
     device_type: str
     world_size: int
+    # What a fresh run created: removed again when it fails before its first checkpoint
+    # (the run folder itself when this invocation created it, plus its created parents).
+    discard: list[Path] = field(default_factory=list)
+    discard_parents: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -227,19 +231,41 @@ def train(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSetti
           val: Path | None = None, gpus: int = 0, nproc: int = 1, resume: bool = False,
           overwrite: bool = False) -> TrainResult:
     """Train (or resume) a run in ``out``; returns where it stopped and the validation Dice."""
-    from crlnseg.distributed import launched_by_torchrun, spawn
-    from crlnseg.run_folder import read_metrics
-    from crlnseg.run_setup import plan_on_rank0, plan_run
+    from crlnseg.distributed import launched_by_torchrun
+    from crlnseg.run_setup import discard_unsaved_run, plan_on_rank0, plan_run
 
     if launched_by_torchrun():
-        return run_worker(plan_on_rank0(labelled, unlabelled, out, settings, val, resume,
-                                        overwrite))
+        plan = plan_on_rank0(labelled, unlabelled, out, settings, val, resume, overwrite)
+        try:
+            return run_worker(plan)
+        except BaseException as err:
+            if os.environ.get("RANK") != "0":
+                raise
+            raised = discard_unsaved_run(plan, err)
+            if raised is err:
+                raise
+            raise raised from None
     plan = plan_run(labelled, unlabelled, out, settings, val, gpus, nproc, resume, overwrite)
-    if plan.world_size == 1:
-        return run_worker(plan)
+    signum: list[int | None] = [None]
+    try:
+        if plan.world_size == 1:
+            return run_worker(plan)
+        return _spawn_workers(plan, signum)
+    except BaseException as err:
+        # A fresh run that saved no checkpoint leaves nothing behind (a retry would be refused).
+        raised = discard_unsaved_run(plan, err, signum[0])
+        if raised is err:
+            raise
+        raise raised from None
+
+
+def _spawn_workers(plan: RunPlan, signum: list[int | None]) -> TrainResult:
+    """Run the ranks as local processes; ``signum[0]``: the signal forwarded to them, if any."""
     import torch.multiprocessing as mp
 
+    from crlnseg.distributed import spawn
     from crlnseg.parallel import forward_signals
+    from crlnseg.run_folder import read_metrics
 
     last = plan.out / "checkpoints" / "last.pt"
     start = int(load_checkpoint(last)["meta"]["iteration"]) if plan.resume else 0
@@ -249,9 +275,11 @@ def train(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSetti
         except mp.ProcessRaisedException as err:  # one line: the child's exception
             lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
             raise RunFailure(f"a training process failed: {lines[-1] if lines else err}") from None
+        finally:
+            signum[0] = received.signum
     ckpt = load_checkpoint(last)
     dice, largest = last_validation(read_metrics(plan.out / "metrics.jsonl"), start)
-    return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), settings.train.iterations,
+    return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), plan.settings.train.iterations,
                        received.signum, dice, ckpt["meta"].get("best_val_dice"), largest,
                        ckpt["meta"].get("inference"))
 

@@ -83,3 +83,39 @@ def test_bad_preset_and_files(tmp_path):
 def test_every_preset_validates():
     for name in PRESETS:
         resolve_settings(name)
+
+
+@pytest.mark.parametrize("item, words", [
+    ("train.patch=[16,16,16", ["--set", "train.patch=[16,16,16", "not valid YAML"]),
+    ("train.patch=16,[16,16", ["--set", "element '[16'", "not valid YAML"]),
+    ("train.patch={16", ["--set", "not valid YAML"]),
+])
+def test_malformed_set_values_are_config_errors(item, words):
+    # They used to escape as yaml's ParserError (exit 1).
+    with pytest.raises(ConfigError) as err:
+        resolve_settings(overrides=[item])
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_unreadable_config_files_name_the_option(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  iterations: 5 # d\xe9j\xe0\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^--config .*latin.yaml: not UTF-8 text"):
+        resolve_settings(config=latin)
+    with pytest.raises(ConfigError, match=r"^--config .*: is a folder, not a settings file"):
+        resolve_settings(config=tmp_path)
+
+
+def test_settings_errors_drop_pydantics_value_error_prefix():
+    with pytest.raises(ConfigError) as err:
+        resolve_settings(overrides=["train.patch=17,16,16"])
+    assert "Value error" not in str(err.value)
+    assert str(err.value).endswith("each side must be a positive multiple of 16, got (17, 16, 16)")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+def test_seed_outside_the_generators_range_is_refused(seed):
+    # numpy's SeedSequence / torch.manual_seed used to fail at iteration 0 (exit 1).
+    with pytest.raises(ConfigError, match="train.seed"):
+        resolve_settings(overrides=[f"train.seed={seed}"])
+    assert resolve_settings(overrides=[f"train.seed={2**63 - 1}"]).train.seed == 2**63 - 1

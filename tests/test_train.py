@@ -332,3 +332,225 @@ def test_unwritable_run_folder_exit_2(data, tmp_path):
     assert code == 2, output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {out}: cannot write (Not a directory)"], output
+
+
+def _errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("kind, code, words", [
+    ("failure", 1, ["RuntimeError: model could not be built"]),
+    ("sigint", 130, ["interrupted before the first checkpoint", "no checkpoint was saved"]),
+    ("sigterm", 143, ["terminated before the first checkpoint", "no checkpoint was saved"]),
+])
+@pytest.mark.parametrize("where", ["new", "empty", "overwrite"])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_path, monkeypatch,
+                                                                     kind, code, words, where):
+    # settings.json, environment.json and checkpoints/ used to stay, blocking both a retry
+    # ("already holds a run") and --resume ("nothing to resume").
+    import crlnseg.method.train_step as ts
+    from crlnseg.errors import Terminated
+
+    out = tmp_path / "parent" / "run"
+    if where == "empty":
+        out.mkdir(parents=True)
+    elif where == "overwrite":
+        assert _run(_base(data, out, iterations=1))[0] == 0
+    raised = {"failure": RuntimeError("model could not be built"), "sigint": KeyboardInterrupt(),
+              "sigterm": Terminated()}[kind]
+
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(ts, "init_state", broken)
+    args = _base(data, out, iterations=2) + (["--overwrite"] if where == "overwrite" else [])
+    got, output = _run(args)
+    assert got == code, output
+    assert len(_errors(output)) == 1 and all(w in _errors(output)[0] for w in words), output
+    if where == "new":
+        assert not (tmp_path / "parent").exists()  # the folders this run created are gone
+    else:
+        assert out.is_dir() and not any(out.iterdir()), list(out.iterdir())
+    monkeypatch.undo()
+    assert _run(_base(data, out, iterations=1))[0] == 0  # the plain retry works
+
+
+def test_overwrite_failing_before_a_checkpoint_keeps_the_users_files(data, tmp_path,
+                                                                      monkeypatch):
+    import crlnseg.method.train_step as ts
+
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=1))[0] == 0
+    (out / "predictions").mkdir()
+    (out / "predictions" / "case0.nii.gz").write_text("mine")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("model could not be built")
+
+    monkeypatch.setattr(ts, "init_state", broken)
+    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 1
+    monkeypatch.undo()
+    assert (out / "predictions" / "case0.nii.gz").read_text() == "mine"
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    code, output = _run(_base(data, out, iterations=1))  # still a run, one without checkpoint
+    assert code == 2 and "saved no checkpoint; use --overwrite" in output, output
+    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 0
+    assert (out / "predictions" / "case0.nii.gz").read_text() == "mine"
+
+
+def test_interrupt_while_preparing_says_no_checkpoint_was_saved(data, tmp_path, monkeypatch):
+    import crlnseg.prepare as prep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "prepare_dataset", interrupted)
+    out = tmp_path / "run"
+    args = ["--labelled", str(data["lab"]), "--unlabelled", str(data["punl"]), "-o", str(out),
+            "--iterations", "1", *TINY]
+    code, output = _run(args)
+    assert code == 130 and "no checkpoint was saved" in output and not out.exists(), output
+
+
+@pytest.mark.slow
+def test_sigint_to_two_cpu_processes_before_the_first_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "crlnseg", "train", *_base(data, out, iterations=200),
+           "--device", "cpu", "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "settings.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert b"no checkpoint was saved" in err and not out.exists(), err.decode()
+
+
+@pytest.mark.parametrize("content", ["settings", "checkpoints", "other"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_crlnseg_did_not_write_is_never_used_or_cleared(data, tmp_path, content,
+                                                                 overwrite):
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    files = {"settings": {"settings.json": '{"lr": 0.1}'},
+             "checkpoints": {"checkpoints/my_model.pth": "weights"},
+             "other": {"notes.txt": "mine"}}[content]
+    for name, text in files.items():
+        (out / name).write_text(text)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, output = _run(_base(data, out, iterations=1) + (["--overwrite"] if overwrite else []))
+    assert code == 2 and len(_errors(output)) == 1, output
+    assert "is not a crlnseg run folder" in output and "already holds a run" not in output
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert all((out / name).read_text() == text for name, text in files.items())
+    code, output = _run(_base(data, out, iterations=1) + ["--resume"])
+    assert code == 2 and "not a crlnseg run" in output, output
+
+
+@pytest.mark.parametrize("inside", ["plab", "lab", "pval", "unl"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_the_run_folder_must_be_outside_every_input(data, tmp_path, inside, nested):
+    folder = data[inside]
+    out = folder / "run" if nested else folder
+    before = sorted(folder.rglob("*"))
+    args = ["--labelled", str(data["plab"] if inside != "lab" else data["lab"]),
+            "--unlabelled", str(data["unl"] if inside == "unl" else data["punl"]),
+            "-o", str(out), "--iterations", "1", *TINY, "--overwrite"]
+    if inside == "pval":
+        args += ["--val", str(data["pval"])]
+    code, output = _run(args)
+    assert code == 2 and len(_errors(output)) == 1, output
+    assert "outside its inputs" in output, output
+    assert sorted(folder.rglob("*")) == before
+
+
+def test_overwrite_restarts_with_new_prepare_settings(data, tmp_path):
+    # RUN/prepared/ used to be kept: "prepared with different settings; use --overwrite".
+    out = tmp_path / "run"
+    args = ["--labelled", str(data["lab"]), "--unlabelled", str(data["unl"]), "-o", str(out),
+            "--iterations", "1", *TINY]
+    assert _run(args)[0] == 0
+    code, output = _run([*args, "--overwrite", "--set", "prepare.normalize=minmax"])
+    assert code == 0, output
+    for name in ("labelled", "unlabelled"):
+        cached = json.loads((out / "prepared" / name / "dataset.json").read_text())
+        assert cached["settings"]["normalize"] == "minmax"
+    assert json.loads((out / "settings.json").read_text())["prepare"]["normalize"] == "minmax"
+    code, output = _run([*args, "--resume", "--iterations", "2", "--set",
+                         "prepare.normalize=zscore"])
+    assert code == 2 and "--resume: prepare.normalize" in output, output
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--seed", "-1", ["train.seed"]),
+    ("--seed", "18446744073709551616", ["train.seed"]),
+    ("--nproc", "0", ["--nproc 0", "at least 1"]),
+    ("--nproc", "-2", ["--nproc -2", "at least 1"]),
+    ("--gpus", "-1", ["--gpus -1"]),
+])
+def test_bad_process_and_seed_options_are_refused_up_front(data, tmp_path, option, value,
+                                                           words):
+    out = tmp_path / "run"
+    code, output = _run([*_base(data, out, iterations=1), option, value])
+    assert code == 2 and len(_errors(output)) == 1, output
+    assert all(w in _errors(output)[0] for w in words), output
+    assert not out.exists()
+
+
+def test_bad_set_and_config_exit_2(data, tmp_path):
+    out = tmp_path / "run"
+    code, output = _run([*_base(data, out, iterations=1), "--set", "train.patch=[16,16,16"])
+    assert code == 2 and len(_errors(output)) == 1 and "--set" in output, output
+    latin = tmp_path / "s.yaml"
+    latin.write_bytes(b"train:\n  iterations: 1 # \xe9\n")
+    for config, words in ((latin, "not UTF-8"), (tmp_path, "is a folder")):
+        code, output = _run([*_base(data, out, iterations=1), "--config", str(config)])
+        assert code == 2 and len(_errors(output)) == 1 and words in output, output
+    assert not out.exists()
+
+
+def test_resume_refuses_other_data_processes_and_overwrite(data, tmp_path):
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=2))[0] == 0
+    meta = load_checkpoint(out / "checkpoints/last.pt")["meta"]
+    assert meta["data"]["labelled"]["cases"] == ["case0", "case1"] and meta["world_size"] == 1
+    last = (out / "checkpoints/last.pt").stat().st_mtime_ns
+    resume = ["-o", str(out), "--resume", "--iterations", "3"]
+    code, output = _run(["--labelled", str(data["pval"]), "--unlabelled", str(data["punl"]),
+                         *resume])
+    assert code == 2 and "--resume: --labelled is not the data" in output, output
+    code, output = _run(["--labelled", str(data["plab"]), "--unlabelled", str(data["pval"]),
+                         *resume])
+    assert code == 2 and "--resume: --unlabelled is not the data" in output, output
+    code, output = _run(["--labelled", str(data["plab"]), "--unlabelled", str(data["punl"]),
+                         *resume, "--device", "cpu", "--nproc", "2"])
+    assert code == 2 and "trained with 1 process(es), now 2" in output, output
+    code, output = _run([*_base(data, out, iterations=3), "--resume", "--overwrite"])
+    assert code == 2 and "--resume and --overwrite" in output, output
+    assert (out / "checkpoints/last.pt").stat().st_mtime_ns == last
+    # the raw folder the prepared data came from is the same data
+    code, output = _run(["--labelled", str(data["lab"]), "--unlabelled", str(data["punl"]),
+                         *resume])
+    assert code == 0, output
+
+
+def test_missing_unlabelled_folder_is_refused_with_supervised(data, tmp_path):
+    out = tmp_path / "run"
+    args = [*_base(data, out, iterations=1), "--method", "supervised", "--batch-labelled", "2"]
+    args[3] = str(tmp_path / "nowhere")
+    code, output = _run(args)
+    assert code == 2 and f"--unlabelled {tmp_path / 'nowhere'}: no such" in output, output
+    assert not out.exists()
+
+
+def test_a_run_without_checkpoint_suggests_overwrite(data, tmp_path):
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=1))[0] == 0
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")  # as an older crlnseg left a failed run
+    code, output = _run(_base(data, out, iterations=1))
+    assert code == 2 and "saved no checkpoint; use --overwrite" in output, output
+    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 0

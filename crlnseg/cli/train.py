@@ -17,8 +17,11 @@ HELP = "\n\n".join([
     "(e.g. --set method.xi=0.9 --set train.patch=96,96,96). --print-config shows the result.",
     "RUN_DIR gets settings.json, environment.json, metrics.jsonl, training.png and checkpoints/ "
     "(last.pt, iter_<N>.pt, best.pt with --val). SIGINT/SIGTERM save last.pt and exit with "
-    "128+signal (130/143); --resume continues exactly; --resume --iterations N extends a run "
-    "(the poly schedule is recomputed for the new total).",
+    "128+signal (130/143); --resume continues exactly (same data and number of processes); "
+    "--resume --iterations N extends a run (the poly schedule is recomputed for the new total). "
+    "A new run that fails or is interrupted before its first checkpoint removes what it wrote.",
+    "RUN_DIR must be new, empty or a crlnseg run (--overwrite replaces a run, never a folder "
+    "crlnseg did not write) and outside the input folders.",
     "Multi-GPU: --gpus N; or torchrun --nproc-per-node N -m crlnseg train ...; CPU processes for "
     "testing: --device cpu --nproc N.",
 ])
@@ -49,10 +52,11 @@ def register(app: typer.Typer) -> None:
             help="Unlabelled crops."),
         base_filters: int | None = typer.Option(None, "--base-filters", help="Backbone width."),
         device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
-        gpus: int = typer.Option(0, "--gpus", help="Train with N CUDA processes."),
-        nproc: int = typer.Option(1, "--nproc", help="Processes (CPU ranks with --device cpu)."),
+        gpus: int = typer.Option(0, "--gpus", help="Train with N CUDA processes (N >= 0)."),
+        nproc: int = typer.Option(1, "--nproc",
+            help="Processes, >= 1 (CPU ranks with --device cpu)."),
         amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA."),
-        seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+        seed: int | None = typer.Option(None, "--seed", help="Random seed, 0 .. 2**63 - 1."),
         log_every: int | None = typer.Option(None, "--log-every",
             help="Iterations per metrics line."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR."),
@@ -60,7 +64,9 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = typer.Option([], "--set",
                                        help="Override any setting: section.key=value."),
         print_config: bool = typer.Option(False, "--print-config", help="Print the resolved "
-                                          "settings as JSON and exit."),
+                                          "settings as JSON and exit (model.in_channels, "
+                                          "model.num_classes and prepare.* are taken from the "
+                                          "labelled data when training starts)."),
     ) -> None:
         from crlnseg.config import resolve_settings, saved_run_settings
         from crlnseg.errors import ConfigError
@@ -69,7 +75,19 @@ def register(app: typer.Typer) -> None:
                    "train": {"iterations": iterations, "patch": patch, "seed": seed,
                              "batch_labelled": batch_labelled, "device": device, "amp": amp,
                              "batch_unlabelled": batch_unlabelled, "log_every": log_every}}
-        base = saved_run_settings(output) if resume and output is not None else None
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume "
+                              "continues the run, --overwrite starts it again; give one of them")
+        if nproc < 1:
+            raise ConfigError(f"--nproc {nproc}: must be at least 1")
+        if gpus < 0:
+            raise ConfigError(f"--gpus {gpus}: must be 0 (none) or more")
+        base = None
+        if resume and output is not None:
+            from crlnseg.run_setup import is_run
+
+            # a run's own settings.json only (plan_run says why a folder is not a run)
+            base = saved_run_settings(output) if is_run(output) else None
         settings = resolve_settings(preset, config, options, sets, base=base)
         if print_config:
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
