@@ -123,6 +123,8 @@ def run_demo(out: Path, seed: int = 0, iterations: int | None = None, quick: boo
     out = Path(out)
     if device not in ("auto", "cpu", "cuda"):  # checked before anything is written
         raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed {seed}: expected 0 .. 2**63-1")
     resolve_device(device)
     check_output(out, overwrite)
     data, prepared, run = out / "data", out / "prepared", out / "run"
@@ -148,7 +150,8 @@ def run_demo(out: Path, seed: int = 0, iterations: int | None = None, quick: boo
         report = evaluate(out / "predictions", data / "test" / "labels", EvaluateSettings())
         write_text(out / "evaluation.json", report.to_json())
     keys = ("dice_raw", "dice_rectified", "reliable_raw", "reliable_rectified", "mu")
-    pseudo = {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and k in rows[0]}
+    pseudo = {k: sum(r[k] for r in rows) / len(rows) for k in keys
+              if rows and k in rows[0] and all(r[k] is not None for r in rows)}
     return DemoResult(out, report, pseudo, t)
 
 

@@ -121,6 +121,12 @@ def case_row(case_id: str, pred: Any, threshold: float, classes: int,
     return row
 
 
+def _mean(values: list[Any]) -> float | None:
+    """Mean of the known values; None when there are none (mu of a run without M(x))."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def _write_summary(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any],
                    overwrite: bool) -> None:
     columns = COLUMNS + (DICE_COLUMNS if rows and "dice_raw" in rows[0] else [])
@@ -128,7 +134,7 @@ def _write_summary(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any],
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    mean = {c: float(np.mean([r[c] for r in rows])) for c in columns[1:]} if rows else {}
+    mean = {c: _mean([r[c] for r in rows]) for c in columns[1:]} if rows else {}
     document = {**meta, "columns": columns, "cases": rows, "mean": mean}
     write_atomic(out / "summary.csv", lambda tmp: tmp.write_text(text.getvalue()), overwrite)
     write_atomic(out / "summary.json",

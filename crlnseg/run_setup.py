@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +323,26 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
 
 
 def _remove(paths: list[Path], parents: list[Path]) -> None:
+    # A second Ctrl-C must not cut the clean-up short (a half-removed folder blocks a retry).
+    with _sigint_ignored():
+        _remove_now(paths, parents)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _remove_now(paths: list[Path], parents: list[Path]) -> None:
     for path in paths:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -342,8 +364,11 @@ def discard_unsaved_run(plan: RunPlan, err: BaseException, signum: int | None = 
     if plan.resume or (plan.out / "checkpoints" / "last.pt").is_file():
         return err  # a checkpoint exists: --resume continues from it
     discard = plan.discard
-    others = [] if plan.out in discard else [
-        p for p in plan.out.iterdir() if p not in discard and p.name != "prepared"]
+    try:
+        others = [] if plan.out in discard else [
+            p for p in plan.out.iterdir() if p not in discard and p.name != "prepared"]
+    except OSError:  # the folder went away meanwhile: nothing left to clean, keep the error
+        return _interrupted(err, plan.out, plan.out in plan.discard, signum)
     if others:  # files of the user's own: stay a (checkpoint-less) run, --overwrite may retry
         discard = [p for p in discard if p.name not in ("settings.json", "environment.json")]
     _remove(discard, plan.discard_parents)
@@ -374,7 +399,11 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
     from crlnseg.io.writers import make_folder
     from crlnseg.run_folder import environment_info, write_json
 
-    out = Path(out)
+    # Lexically normalised: "missing/../b" must be b itself, or b would look new (and be
+    # removed as this run's own folder if the run failed).
+    out = Path(os.path.abspath(out))
+    if out.is_symlink() and not out.exists():
+        raise DataError(f"{out}: -o is a broken symbolic link; give a folder")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: --resume continues "
                           "the run, --overwrite starts it again; give one of them")
@@ -395,8 +424,10 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
                     if not c.exists()]
     try:
         make_folder(out)
+        # A resumed run's own caches follow its saved settings (an --overwrite that failed
+        # may have re-prepared them with others); --resume refuses other prepare settings.
         settings, lab_dir, unl_dir, val_dir, channels, data = _load_inputs(
-            settings, out, labelled, unlabelled, val, overwrite)
+            settings, out, labelled, unlabelled, val, overwrite or saved is not None)
         if saved is not None:
             check_resume(saved["settings"], settings, int(saved["meta"]["iteration"]))
             check_resume_data(saved["meta"], data)

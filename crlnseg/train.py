@@ -275,6 +275,12 @@ def _spawn_workers(plan: RunPlan, signum: list[int | None]) -> TrainResult:
         except mp.ProcessRaisedException as err:  # one line: the child's exception
             lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
             raise RunFailure(f"a training process failed: {lines[-1] if lines else err}") from None
+        except mp.ProcessExitedException as err:
+            # A rank can die on its way out after a forwarded stop signal (seen once: an abort
+            # in a library's exit handler) when the checkpoint is already saved: the run
+            # stopped as asked. Without a signal, or without a checkpoint, it is a failure.
+            if received.signum is None or not last.is_file():
+                raise RunFailure(f"a training process died: {err}") from None
         finally:
             signum[0] = received.signum
     ckpt = load_checkpoint(last)

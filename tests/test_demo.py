@@ -69,6 +69,10 @@ def test_bad_device_is_refused_before_anything_is_written(tmp_path: Path) -> Non
                                       "--device", "bogus"])
     assert result.exit_code == 2 and "--device" in result.stderr, result.output
     assert not (tmp_path / "d").exists()
+    result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "d"),
+                                      "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed" in result.stderr, result.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_unwritable_output_exit_2(tmp_path: Path) -> None:

@@ -37,6 +37,18 @@ def test_a_run_without_relation_map_says_so_and_reports_no_mu():
     assert case_row("c", pred, 0.97, 2, label)["mu"] is None
 
 
+def test_rectify_on_a_supervised_run_writes_a_summary_with_null_mu(tmp_path):
+    # mu None in the summary's mean crashed rectify after every case file was written.
+    run = make_tiny_run(tmp_path / "run", method="supervised")
+    src = write_nifti(tmp_path / "in" / "a.nii.gz", blob_image((20, 18, 12))[0])
+    result = runner.invoke(app, ["rectify", str(src.parent), "-o", str(tmp_path / "pl"),
+                                 "-m", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "(supervised) has no relationship map" in result.stderr
+    summary = json.loads((tmp_path / "pl" / "summary.json").read_text())
+    assert summary["cases"][0]["mu"] is None and summary["mean"]["mu"] is None
+
+
 def test_rectify_volume_blends_both_heads_in_one_pass():
     image, label = blob_image((22, 18, 12), seed=4)
     predictor = Predictor(StandIn(mu=0.5), PredictSettings(device="cpu"), (8, 8, 8),

@@ -483,6 +483,33 @@ def test_overwrite_restarts_with_new_prepare_settings(data, tmp_path):
     assert code == 2 and "--resume: prepare.normalize" in output, output
 
 
+
+def test_resume_after_a_failed_overwrite_re_prepares_its_own_cache(data, tmp_path):
+    # The failed --overwrite re-prepared RUN/prepared with minmax before a later check failed;
+    # --resume then refused ("prepared with different settings; use --overwrite").
+    out = tmp_path / "run"
+    args = ["--labelled", str(data["lab"]), "--unlabelled", str(data["unl"]), "-o", str(out),
+            "--iterations", "1", *TINY]
+    assert _run(args)[0] == 0
+    code, output = _run([*args, "--overwrite", "--set", "prepare.normalize=minmax",
+                         "--patch", "64", "64", "64"])  # larger than the images: refused
+    assert code == 2 and (out / "checkpoints" / "last.pt").is_file(), output
+    code, output = _run([*args, "--resume", "--iterations", "2"])
+    assert code == 0, output
+    cached = json.loads((out / "prepared" / "labelled" / "dataset.json").read_text())
+    assert cached["settings"]["normalize"] == "zscore"
+
+
+def test_dot_dot_in_the_run_folder_cannot_remove_a_users_folder(data, tmp_path):
+    # "missing/../b" looked new, so a failing run removed b, a user's folder, as its own.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mydata.txt").write_text("precious")
+    out = tmp_path / "missing" / ".." / "b"
+    code, output = _run([*_base(data, out, iterations=1), "--patch", "64", "64", "64"])
+    assert code == 2, output
+    assert (tmp_path / "b" / "mydata.txt").read_text() == "precious"
+
+
 @pytest.mark.parametrize("option, value, words", [
     ("--seed", "-1", ["train.seed"]),
     ("--seed", "18446744073709551616", ["train.seed"]),

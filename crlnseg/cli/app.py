@@ -156,7 +156,7 @@ def main() -> None:
             sys.exit(code)
     except typer.Exit as err:
         sys.exit(err.exit_code)
-    except typer.Abort:  # Ctrl-C before a command took over
+    except typer.Abort:  # EOF at a prompt (typer turns Ctrl-C while parsing into Exit(130))
         fail_now("interrupted", 130)
     except Exception as err:  # noqa: BLE001 - click's errors (typer may vendor click): duck-typed
         if not hasattr(err, "format_message"):
