@@ -208,8 +208,7 @@ def evaluate(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
 def check_output(output: Path, pairs: list[Pair], overwrite: bool) -> None:
     """Refuse the report's path before any metric is computed: an input mask (even with
     overwrite), an existing file without overwrite, a folder, or a missing folder."""
-    from crlnseg.io.writers import check_outputs
-    from crlnseg.predict import check_not_inputs
+    from crlnseg.io.writers import check_not_inputs, check_outputs
 
     output = Path(output)
     check_not_inputs([output], [p for pair in pairs for p in (pair.pred, pair.gt) if p])

@@ -16,7 +16,6 @@ to stdout: ``<case>\\t<seconds>\\t<class>=<voxels>...`` (tab-separated).
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,14 @@ import numpy as np
 
 from crlnseg.console import log
 from crlnseg.data.discovery import CaseFiles, discover_cases, discover_single
-from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.errors import DataError
 from crlnseg.io.paths import IMAGE_SUFFIXES, channel_index, split_suffix
 from crlnseg.io.readers import Header
-from crlnseg.io.writers import check_outputs, make_folder, write_atomic
+from crlnseg.io.writers import check_not_inputs, check_outputs, file_key, make_folder, write_atomic
 from crlnseg.settings import PredictSettings
 
 __all__ = ["CaseResult", "input_cases", "plan_cases", "check_outputs", "check_not_inputs",
-           "file_key", "check_headers", "check_channels", "written_so_far", "predict_paths",
+           "check_headers", "check_channels", "written_so_far", "predict_paths",
            "summary_line", "probabilities_path", "save_probabilities"]
 
 
@@ -92,28 +91,6 @@ def _channel_case(paths: list[Path], ids: list[str]) -> CaseFiles:
         raise DataError(f"{paths[0]}: case '{ids[0]}' has channels {sorted(order)}, "  # type: ignore[type-var]
                         f"expected 0..{len(paths) - 1}")
     return CaseFiles(id=ids[0], images=[p for _, p in sorted(zip(order, paths, strict=True))])
-
-
-def file_key(path: Path) -> tuple[int, int] | None:
-    """The identity of an existing file (device, inode): links, ``..`` and a case-insensitive
-    file system's spellings all give the same key; None when ``path`` does not exist."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def check_not_inputs(outputs: list[Path], inputs: list[Path]) -> None:
-    """Refuse an output that is an input file: even --overwrite never replaces an input."""
-    sources = {file_key(p): p for p in inputs}
-    sources.pop(None, None)
-    for out in outputs:
-        source = sources.get(file_key(out))  # a missing output is no input: inputs exist
-        if source is not None:
-            what = "an input" if str(out) == str(source) else f"the input {source}"
-            raise OutputExistsError(f"{out}: output is {what}; choose another output "
-                                    "(input files are never overwritten)")
 
 
 def plan_cases(inputs: list[Path], output: Path) -> list[tuple[CaseFiles, Path]]:

@@ -31,16 +31,9 @@ from crlnseg.console import log
 from crlnseg.data.discovery import CaseFiles
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import IMAGE_SUFFIXES, split_suffix
-from crlnseg.io.writers import make_folder, write_atomic
+from crlnseg.io.writers import check_not_inputs, check_outputs, make_folder, write_atomic
 from crlnseg.metrics import dice
-from crlnseg.predict import (
-    check_channels,
-    check_headers,
-    check_not_inputs,
-    check_outputs,
-    input_cases,
-    written_so_far,
-)
+from crlnseg.predict import check_channels, check_headers, input_cases, written_so_far
 from crlnseg.settings import PredictSettings
 
 __all__ = ["COLUMNS", "DICE_COLUMNS", "KINDS", "case_outputs", "find_label", "find_labels",

@@ -31,7 +31,8 @@ from crlnseg.io.paths import H5_SUFFIXES, is_nifti, split_suffix
 from crlnseg.io.volume import Volume
 
 __all__ = ["write_image", "atomic_path", "write_atomic", "output_errors", "make_folder",
-           "check_output", "check_outputs", "data_file", "SPLIT_SUFFIXES"]
+           "check_output", "check_outputs", "check_not_inputs", "file_key", "data_file",
+           "SPLIT_SUFFIXES"]
 
 # Header + separate data file: what SimpleITK (with compression) writes beside the header.
 DATA_SUFFIXES = {".mhd": ".zraw", ".nhdr": ".raw.gz"}
@@ -115,6 +116,28 @@ def _writable_folder(path: Path) -> None:
                                 f"{probe} is not a folder)")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputExistsError(f"{path}: cannot write (output folder {probe} is not writable)")
+
+
+def file_key(path: Path) -> tuple[int, int] | None:
+    """The identity of an existing file (device, inode): links, ``..`` and a case-insensitive
+    file system's spellings all give the same key; None when ``path`` does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_not_inputs(outputs: list[Path], inputs: list[Path]) -> None:
+    """Refuse an output that is an input file: even --overwrite never replaces an input."""
+    sources = {file_key(p): p for p in inputs}
+    sources.pop(None, None)
+    for out in outputs:
+        source = sources.get(file_key(out))  # a missing output is no input: inputs exist
+        if source is not None:
+            what = "an input" if str(out) == str(source) else f"the input {source}"
+            raise OutputExistsError(f"{out}: output is {what}; choose another output "
+                                    "(input files are never overwritten)")
 
 
 def check_outputs(paths: list[Path], overwrite: bool) -> None:
