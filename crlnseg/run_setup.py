@@ -265,12 +265,16 @@ def check_resume_data(meta: dict[str, Any], data: dict[str, Any]) -> None:
     old = meta.get("data")
     if not isinstance(old, dict):
         return
-    for key, option in (("labelled", "--labelled"), ("unlabelled", "--unlabelled")):
+    # --val too: best.pt compares Dice across validations, which must score the same cases.
+    for key, option in (("labelled", "--labelled"), ("unlabelled", "--unlabelled"),
+                        ("val", "--val")):
+        if key not in old:  # recorded by a later version than the checkpoint's
+            continue
         was, now = old.get(key), data.get(key)
         if was == now:
             continue
         if was is None or now is None:
-            what = f"the run was trained {'without' if was is None else 'with'} unlabelled data"
+            what = f"the run was trained {'without' if was is None else 'with'} {option}"
         elif was["cases"] != now["cases"]:
             what = (f"{len(was['cases'])} case(s) before, {len(now['cases'])} now"
                     if len(was["cases"]) != len(now["cases"]) else "other case IDs")
@@ -318,7 +322,8 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
         check_training_data(vm, None, (16, 16, 16), settings.model.num_classes, (Path(val), None))
         if vm.channels != channels:
             raise DataError(f"{val} has {vm.channels} channel(s), the training data {channels}")
-    data = {"labelled": _identity(lab), "unlabelled": _identity(unl)}
+    data = {"labelled": _identity(lab), "unlabelled": _identity(unl),
+            "val": _identity(vm) if val is not None else None}
     return settings, lab_dir, unl_dir, val_dir, channels, data
 
 

@@ -554,6 +554,9 @@ def test_resume_refuses_other_data_processes_and_overwrite(data, tmp_path):
     code, output = _run(["--labelled", str(data["plab"]), "--unlabelled", str(data["punl"]),
                          *resume, "--device", "cpu", "--nproc", "2"])
     assert code == 2 and "trained with 1 process(es), now 2" in output, output
+    code, output = _run(["--labelled", str(data["plab"]), "--unlabelled", str(data["punl"]),
+                         *resume, "--val", str(data["pval"])])  # trained without --val
+    assert code == 2 and "--resume: --val is not the data" in output, output
     code, output = _run([*_base(data, out, iterations=3), "--resume", "--overwrite"])
     assert code == 2 and "--resume and --overwrite" in output, output
     assert (out / "checkpoints/last.pt").stat().st_mtime_ns == last
