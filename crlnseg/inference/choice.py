@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from crlnseg.inference.sliding_window import DEFAULT_SIGMA  # nnU-Net's 1/8
+
 if TYPE_CHECKING:
     from crlnseg.settings import PredictSettings
 
 __all__ = ["DEFAULT_SIGMA", "CANDIDATE_SIGMAS", "variant_name", "candidates", "choose",
            "describe", "check_choice", "apply_choice"]
 
-DEFAULT_SIGMA = 1.0 / 8.0  # nnU-Net's and MONAI's; the built-in default of crlnseg predict
+
 # The default and the flatter weighting that CRLN models preferred on LA (benchmarks/RESULTS.md).
 CANDIDATE_SIGMAS = (DEFAULT_SIGMA, 1.0 / 3.0)
 
@@ -46,7 +48,7 @@ def choose(scores: dict[tuple[float | None, bool], float], iteration: int | None
     stored in a checkpoint's ``meta["inference"]``: the winner, the blending it was scored with
     (``gaussian``, or ``uniform`` when validation used ``train.val_stride``), and every
     candidate's score (``scores``: ``[sigma, keep_largest, dice]``; ``val_dice``: by name)."""
-    best = max(scores, key=lambda c: (scores[c], -list(scores).index(c)))
+    best = max(scores, key=scores.__getitem__)  # max keeps the first of equals: the default
     sigma, largest = best
     return {"blend": "uniform" if sigma is None else "gaussian", "sigma_scale": sigma,
             "keep_largest": largest, "dice": round(float(scores[best]), 6),
@@ -97,7 +99,7 @@ def apply_choice(settings: PredictSettings, choice: dict[str, Any] | None
         if not rows and largest is None:  # an explicit sigma outside the candidates
             rows = [(s, k, d) for s, k, d in choice["scores"] if k == choice["keep_largest"]]
         if rows:
-            best = max(rows, key=lambda r: (r[2], -rows.index(r)))  # first listed wins ties
+            best = max(rows, key=lambda r: r[2])  # the first listed (default first) wins ties
             set_here = []
             if sigma is None and gaussian:
                 sigma = best[0]

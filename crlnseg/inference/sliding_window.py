@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Blend", "gaussian_importance_map", "overlap_starts", "stride_starts",
+__all__ = ["Blend", "DEFAULT_SIGMA", "gaussian_importance_map", "overlap_starts", "stride_starts",
            "patch_origins", "pad_to_patch", "sliding_window", "blend_patches"]
 
 Blend = Literal["gaussian", "uniform"]
@@ -32,7 +32,12 @@ Triple = tuple[int, int, int]
 PatchFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def gaussian_importance_map(patch: Sequence[int], sigma_scale: float = 1.0 / 8.0) -> torch.Tensor:
+# nnU-Net's and MONAI's sigma, as a share of the patch side: the built-in default everywhere.
+DEFAULT_SIGMA = 1.0 / 8.0
+
+
+def gaussian_importance_map(patch: Sequence[int], sigma_scale: float = DEFAULT_SIGMA
+                            ) -> torch.Tensor:
     """Separable Gaussian of shape ``patch``, sigma = ``patch * sigma_scale``, max 1, min > 0."""
     axes = []
     for size in patch:
@@ -98,7 +103,7 @@ def _batches(origins: list[Triple], size: int) -> Iterator[list[Triple]]:
 def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
                    out_channels: int, blend: Blend = "gaussian", overlap: float = 0.5,
                    stride: Sequence[int] | None = None, batch_size: int = 1,
-                   sigma_scale: float | None = 1.0 / 8.0,
+                   sigma_scale: float | None = DEFAULT_SIGMA,
                    device: torch.device | str = "cpu",
                    buffer_device: torch.device | str | None = None,
                    progress: Callable[[Iterator[list[Triple]], int], Iterator[list[Triple]]]
@@ -111,8 +116,8 @@ def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
     """
     patch = tuple(int(p) for p in patch)
     if blend == "gaussian":
-        # None: nnU-Net's 1/8, so a PredictSettings left unresolved still blends as the default
-        weight = gaussian_importance_map(patch, 1.0 / 8.0 if sigma_scale is None else sigma_scale)
+        # None (a PredictSettings left unresolved) blends with the default
+        weight = gaussian_importance_map(patch, sigma_scale or DEFAULT_SIGMA)
     else:
         weight = torch.ones(patch, dtype=torch.float32)
     return blend_patches(image, patch_fn, patch, out_channels, [weight], overlap, stride,
