@@ -9,7 +9,8 @@ metrics window (the first one holds start-up and warm-up).
 Mode "bare": ``init_state`` + ``train_step`` on one in-memory batch of the same shape.
 Both use the same settings (default: the reference model, 2 + 2 crops of 112 x 112 x 80) and run
 alternately ``--rounds`` times in one process, so the ratio is measured under the same load.
-Prints one JSON line; overhead = 1 - rate(train) / rate(bare).
+Prints one JSON line; overhead = 1 - rate(train) / rate(bare); on CUDA also each mode's peak
+of the allocator (``torch.cuda.max_memory_allocated``, reset before each run).
 """
 
 from __future__ import annotations
@@ -94,9 +95,16 @@ def main() -> None:
     try:
         labelled, unlabelled = make_dataset(root, tuple(args.patch))
         rates: dict[str, list[float]] = {"train": [], "bare": []}
+        peaks: dict[str, float] = {"train": 0.0, "bare": 0.0}
         for _ in range(args.rounds):
-            rates["bare"].append(rate_bare(settings, args.iterations))
-            rates["train"].append(rate_train(settings, labelled, unlabelled, root, args.iterations))
+            for mode in ("bare", "train"):
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                rates[mode].append(rate_bare(settings, args.iterations) if mode == "bare" else
+                                   rate_train(settings, labelled, unlabelled, root,
+                                              args.iterations))
+                if torch.cuda.is_available():
+                    peaks[mode] = max(peaks[mode], torch.cuda.max_memory_allocated() / 2**30)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     train_rate, bare_rate = float(np.mean(rates["train"])), float(np.mean(rates["bare"]))
@@ -104,7 +112,8 @@ def main() -> None:
                       "batch": "2+2", "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "threads": torch.get_num_threads(), "rates": rates,
                       "train_it_per_s": train_rate, "bare_it_per_s": bare_rate,
-                      "overhead": 1 - train_rate / bare_rate}))
+                      "overhead": 1 - train_rate / bare_rate,
+                      "peak_gib": peaks if torch.cuda.is_available() else None}))
 
 
 if __name__ == "__main__":

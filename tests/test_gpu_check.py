@@ -18,17 +18,19 @@ def test_gpu_check_smoke_runs_every_step(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.md").read_text()
-    for step in ("iteration_cpu", "throughput_cpu", "predict_cpu", "pytest_cpu"):
+    for step in ("iteration_cpu", "throughput_cpu", "predict_cpu", "pytest_cpu", "profile_crln_cpu"):
         assert f"## {step}: rc 0" in summary
         assert (out / f"{step}.log").is_file()
     result = json.loads((out / "predict_cpu.json").read_text())
     assert sorted(result["seconds"]) == sorted([
         "gaussian overlap 0.5, fp32", "uniform stride 8 8 4, fp32",
-        "gaussian overlap 0.5, amp", "uniform stride 8 8 4, amp"])
+        "gaussian overlap 0.5, amp", "uniform stride 8 8 4, amp",
+        "gaussian overlap 0.5, amp, NCDHW", "uniform stride 8 8 4, amp, NCDHW"])
     for per_case in result["seconds"].values():
         assert sorted(per_case) == ["40x36x36", "44x40x33"]
         assert all(len(v) == 1 and v[0] > 0 for v in per_case.values())
     assert "| crln |" in summary and '"overhead"' in summary
+    assert "| phase | calls | CPU ms | device ms |" in summary and "| student_losses |" in summary
 
 
 def test_gpu_check_budget_skips_steps_it_cannot_start(tmp_path: Path) -> None:
@@ -37,7 +39,7 @@ def test_gpu_check_budget_skips_steps_it_cannot_start(tmp_path: Path) -> None:
                            "--budget", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     summary = (out / "summary.md").read_text()
-    assert summary.count("skipped, the budget is spent") == 4
+    assert summary.count("skipped, the budget is spent") == 5
 
 
 def test_a_step_past_its_limit_is_killed_with_its_children() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from crlnseg.method.losses import pseudo_label_loss, segmentation_loss, soft_dice_loss
-from crlnseg.method.positive_supervision import info_nce, positive_supervision_loss
+import pytest
+
+from crlnseg.method.positive_supervision import (class_mean_features, info_nce,
+                                                   positive_supervision_loss)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -95,3 +98,21 @@ def test_info_nce_matches_definition():
     neg = cos(a[:, None], n, dim=-1)
     expected = -(pos / 0.5 - torch.logsumexp(torch.cat([pos[:, None], neg], 1) / 0.5, 1)).mean()
     torch.testing.assert_close(info_nce(a, p, n, 0.5), expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 3), (3, 4, 1, 9, 2), (2, 3, 11)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_class_mean_features_match_a_float64_reference(shape, channels_last):
+    features = torch.randn(shape, generator=gen(3))
+    if channels_last and features.dim() == 5:
+        features = features.contiguous(memory_format=torch.channels_last_3d)
+    labels = torch.randint(-1, 3, (shape[0], *shape[2:]), generator=gen(4))
+    labels[labels == 1] = 2  # class 1 absent: count 0, mean 0
+    means, counts = class_mean_features(features, labels, 3)
+    f = features.double().flatten(2).movedim(1, -1)  # (B, N, H)
+    lab = labels.flatten(1)
+    for c in range(3):
+        mask = lab == c
+        assert counts[c] == mask.sum()
+        expected = f[mask].mean(0) if mask.any() else torch.zeros(shape[1], dtype=torch.double)
+        torch.testing.assert_close(means[c].double(), expected, rtol=1e-5, atol=1e-6)

@@ -150,14 +150,17 @@ def test_activation_checkpointing_gives_the_same_iterations():
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_channels_last_defaults_to_the_cpu_only():
+def test_channels_last_defaults_to_the_cpu_and_to_cuda_with_amp():
     from crlnseg.method.train_step import channels_last
 
+    def with_train(**update):
+        return tiny().model_copy(update={"train": tiny().train.model_copy(update=update)})
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert channels_last(tiny(), cpu) and not channels_last(tiny(), cuda)
-    off = tiny().model_copy(update={"train": tiny().train.model_copy(
-        update={"channels_last": False})})
-    assert not channels_last(off, cpu)
+    assert channels_last(tiny(), cpu) and channels_last(with_train(amp=True), cuda)
+    assert not channels_last(with_train(amp=False), cuda)
+    off = with_train(channels_last=False)
+    assert not channels_last(off, cpu) and not channels_last(off, cuda)
     state = init_state(tiny(), cpu)
     conv = state.student.backbone.enc[1][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last_3d)

@@ -92,10 +92,12 @@ class Predictor:
         self.settings, self.choice_note = apply_choice(settings, self.meta.get("inference"))
         self.device = device or resolve_device(settings.device)
         self.model = model.to(self.device).eval()
-        # oneDNN's channels-last 3-D convolutions: 1.16-1.22x faster inference on the CPU,
-        # probabilities within 2e-6 (benchmarks/predict_layout.py); CUDA keeps the default layout
-        # (not measured).
-        self.channels_last = self.device.type == "cpu"
+        # Channels-last 3-D convolutions: 1.16-1.22x faster inference on the CPU (oneDNN),
+        # probabilities within 2e-6 (benchmarks/predict_layout.py); on CUDA with mixed precision
+        # as in training (cuDNN, benchmarks/RESULTS.md "GPU checks"); CUDA fp32 keeps the
+        # default layout (not measured).
+        self.channels_last = self.device.type == "cpu" or (self.device.type == "cuda"
+                                                           and settings.amp)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.patch = tuple(settings.patch or patch)
