@@ -142,7 +142,7 @@ class TrainSettings(Strict):
     seed: int = Field(1337, ge=0, le=2**63 - 1, description="random seed (0 .. 2**63 - 1)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
-    channels_last: bool | None = Field(None, description="channels-last 3D memory format; None: on the CPU and on CUDA with amp (faster there, benchmarks/RESULTS.md), not on CUDA in fp32 (not measured)")
+    channels_last: bool | None = Field(None, description="channels-last 3D memory format; None: on (faster on the CPU and on CUDA, benchmarks/RESULTS.md)")
     activation_checkpointing: bool = Field(False, description="memory-saving mode: recompute the student's full-resolution activations in the backward pass (same results); on the CPU freed tensors also go back to the OS (crlnseg.allocator). 112x112x80 on a 2-core CPU: ~0.65x the peak memory, 1.1-1.2x the time")
     num_workers: int = Field(2, ge=0, description="data loader worker processes")
     log_every: int = Field(20, ge=1, description="iterations between metrics.jsonl lines")

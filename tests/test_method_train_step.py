@@ -150,7 +150,7 @@ def test_activation_checkpointing_gives_the_same_iterations():
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_channels_last_defaults_to_the_cpu_and_to_cuda_with_amp():
+def test_channels_last_is_the_default_and_can_be_switched_off():
     from crlnseg.method.train_step import channels_last
 
     def with_train(**update):
@@ -158,7 +158,7 @@ def test_channels_last_defaults_to_the_cpu_and_to_cuda_with_amp():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert channels_last(tiny(), cpu) and channels_last(with_train(amp=True), cuda)
-    assert not channels_last(with_train(amp=False), cuda)
+    assert channels_last(with_train(amp=False), cuda)
     off = with_train(channels_last=False)
     assert not channels_last(off, cpu) and not channels_last(off, cuda)
     state = init_state(tiny(), cpu)

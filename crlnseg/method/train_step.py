@@ -140,13 +140,11 @@ def state_from_dict(state: TrainState, d: dict[str, Any]) -> None:
 
 
 def channels_last(settings: RunSettings, device: torch.device) -> bool:
-    """``train.channels_last``; unset: on the CPU, where oneDNN's channels-last 3-D convolutions
-    measured ~1.25x faster, and on CUDA with mixed precision, where cuDNN's measured 1.5x (CRLN)
-    to 2x (mean teacher) faster on an H100 (fp32 on CUDA: not measured, default layout)."""
+    """``train.channels_last``; unset: on, the faster layout wherever measured: oneDNN's
+    channels-last 3-D convolutions ~1.25x on the CPU, cuDNN's on an H100 1.4x (CRLN) to 1.6x (mean
+    teacher) in fp32 and 1.7x to 2x with mixed precision (benchmarks/RESULTS.md "GPU checks")."""
     chosen = settings.train.channels_last
-    if chosen is not None:
-        return chosen
-    return device.type == "cpu" or (device.type == "cuda" and settings.train.amp)
+    return True if chosen is None else chosen
 
 
 def _to(x: Tensor, device: torch.device, settings: RunSettings) -> Tensor:
