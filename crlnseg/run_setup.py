@@ -9,7 +9,9 @@ its own ``settings.json`` and ``environment.json`` (:func:`is_run`).
 
 What a fresh run creates is listed in the plan (``RunPlan.discard``): when planning fails, or
 the run fails or is interrupted before its first checkpoint, it is removed again
-(:func:`discard_unsaved_run`), so nothing half-written blocks a retry.
+(:func:`discard_unsaved_run`), so nothing half-written blocks a retry. ``--overwrite`` replaces a
+run as a whole or not at all: the old run's files wait in ``RUN_DIR/.crlnseg-previous`` until the
+new run's first checkpoint (then they are deleted) and move back if it fails before.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from crlnseg.errors import (
 from crlnseg.settings import RunSettings
 from crlnseg.train import RunPlan
 
-__all__ = ["RESUME_MAY_CHANGE", "OUTPUTS", "CACHES", "resolve_world", "prepared_folder",
-           "adopt_dataset", "check_resume", "check_resume_world", "check_resume_data", "is_run",
-           "plan_run", "plan_on_rank0", "discard_unsaved_run"]
+__all__ = ["RESUME_MAY_CHANGE", "OUTPUTS", "CACHES", "PREVIOUS", "resolve_world",
+           "prepared_folder", "adopt_dataset", "check_resume", "check_resume_world",
+           "check_resume_data", "is_run", "plan_run", "plan_on_rank0", "discard_unsaved_run",
+           "drop_previous"]
 
 # Settings a resumed run may change; anything else would make it a different run.
 RESUME_MAY_CHANGE = ("train.iterations", "train.log_every", "train.checkpoint_every",
@@ -48,6 +51,7 @@ RESUME_MAY_CHANGE = ("train.iterations", "train.log_every", "train.checkpoint_ev
                      "train.amp")
 OUTPUTS = ("checkpoints", "metrics.jsonl", "training.png", "settings.json", "environment.json")
 CACHES = ("labelled", "unlabelled", "val")  # RUN/prepared/<name>: raw inputs prepared on the fly
+PREVIOUS = ".crlnseg-previous"  # RUN/.crlnseg-previous: an overwritten run until the first checkpoint
 
 
 def resolve_world(device: str, gpus: int, nproc: int) -> tuple[str, int]:
@@ -193,7 +197,8 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] |
 
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder")
-    run = out.is_dir() and is_run(out)
+    # A run set aside by an --overwrite that was killed outright (no clean-up) is still a run.
+    run = out.is_dir() and (is_run(out) or is_run(out / PREVIOUS))
     last = out / "checkpoints" / "last.pt"
     if resume:
         if not out.exists():
@@ -361,33 +366,74 @@ def _remove_now(paths: list[Path], parents: list[Path]) -> None:
             pass
 
 
+def _set_aside(out: Path) -> None:
+    """``--overwrite``: move the old run's outputs into ``out/PREVIOUS``."""
+    previous = out / PREVIOUS
+    existing = [out / n for n in OUTPUTS if (out / n).exists() or (out / n).is_symlink()]
+    if previous.is_dir() and not (out / "checkpoints" / "last.pt").is_file():
+        # An earlier --overwrite was killed before its first checkpoint: what is set aside is
+        # still the last run that saved one; the killed attempt's files go.
+        _remove_now(existing, [])
+        return
+    if previous.exists() or previous.is_symlink():  # stale: the run beside it has checkpointed
+        _remove_now([previous], [])
+    if existing:
+        previous.mkdir()
+        for path in existing:
+            path.rename(previous / path.name)
+
+
+def _restore(out: Path) -> bool:
+    """Move a run set aside by ``--overwrite`` back (after the new run failed); whether one was."""
+    previous = out / PREVIOUS
+    if not previous.is_dir() or previous.is_symlink():
+        return False
+    with _sigint_ignored():
+        for path in previous.iterdir():
+            _remove_now([out / path.name], [])
+            path.rename(out / path.name)
+        previous.rmdir()
+    return True
+
+
+def drop_previous(out: Path) -> None:
+    """The new run saved a checkpoint: the run it overwrote goes for good."""
+    previous = out / PREVIOUS
+    if previous.is_dir() and not previous.is_symlink():
+        shutil.rmtree(previous, ignore_errors=True)
+
+
 def discard_unsaved_run(plan: RunPlan, err: BaseException, signum: int | None = None
                         ) -> BaseException:
     """After a fresh run failed or was interrupted before its first checkpoint: remove what this
-    invocation wrote (nothing half-written blocks a retry); returns the exception to raise, a
-    one-line RunInterrupted for a signal."""
+    invocation wrote (nothing half-written blocks a retry) and put back a run it was overwriting;
+    returns the exception to raise, a one-line RunInterrupted for a signal."""
     if plan.resume or (plan.out / "checkpoints" / "last.pt").is_file():
         return err  # a checkpoint exists: --resume continues from it
     discard = plan.discard
     try:
         others = [] if plan.out in discard else [
-            p for p in plan.out.iterdir() if p not in discard and p.name != "prepared"]
+            p for p in plan.out.iterdir()
+            if p not in discard and p.name not in ("prepared", PREVIOUS)]
     except OSError:  # the folder went away meanwhile: nothing left to clean, keep the error
         return _interrupted(err, plan.out, plan.out in plan.discard, signum)
     if others:  # files of the user's own: stay a (checkpoint-less) run, --overwrite may retry
         discard = [p for p in discard if p.name not in ("settings.json", "environment.json")]
     _remove(discard, plan.discard_parents)
-    return _interrupted(err, plan.out, plan.out in plan.discard, signum)
+    restored = plan.out not in plan.discard and _restore(plan.out)
+    return _interrupted(err, plan.out, plan.out in plan.discard, signum, restored)
 
 
 def _interrupted(err: BaseException, out: Path, removed_folder: bool,
-                 signum: int | None = None) -> BaseException:
+                 signum: int | None = None, restored: bool = False) -> BaseException:
     from crlnseg.errors import Terminated
 
     if signum is None and not isinstance(err, KeyboardInterrupt):
         return err
     term = signum == signal.SIGTERM or (signum is None and isinstance(err, Terminated))
     what = (f"removed {out}" if removed_folder else f"removed what it had written in {out}")
+    if restored:
+        what += " and put back the run it was overwriting"
     return RunInterrupted(f"{'terminated' if term else 'interrupted'} before the first "
                           f"checkpoint: no checkpoint was saved (nothing to --resume); {what}; "
                           "run the same command again to start afresh",
@@ -443,9 +489,7 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
             raise
         raise raised from None
     if saved is None:
-        for name in OUTPUTS:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _set_aside(out)
     discard = parents[:1] if parents else [*(out / name for name in OUTPUTS), *fresh_caches]
     plan = RunPlan(out, settings, lab_dir, unl_dir, val_dir, {}, saved is not None, device_type,
                    world, discard=[] if saved else discard,

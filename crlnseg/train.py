@@ -137,6 +137,8 @@ def _loop(plan: RunPlan, d: Any, state: Any, loader: Any, val_data: Any) -> Trai
 
 def _checkpoint(plan: RunPlan, d: Any, state: Any, done: int, best_dice: float | None,
                 inference: dict[str, Any] | None, periodic: bool, best: bool) -> None:
+    from crlnseg.run_setup import drop_previous
+
     if not d.is_main:
         return
     folder = plan.out / "checkpoints"
@@ -144,6 +146,7 @@ def _checkpoint(plan: RunPlan, d: Any, state: Any, done: int, best_dice: float |
     meta = {**plan.meta, "iteration": done, "total_iterations": plan.settings.train.iterations,
             "world_size": d.world_size, "best_val_dice": best_dice, "inference": inference}
     save_checkpoint(folder / "last.pt", state, plan.settings, meta)
+    drop_previous(plan.out)  # the run this one overwrote, kept until now in case it failed
     if periodic:
         copy_checkpoint(folder / "last.pt", folder / f"iter_{done}.pt")
     if best:

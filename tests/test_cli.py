@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from crlnseg import __version__
@@ -158,3 +159,11 @@ def test_entry_point_usage_errors_are_one_line_and_exit_codes_propagate(tmp_path
     code, lines = run("evaluate", str(tmp_path / "none"), str(tmp_path / "none2"))
     assert code == 2 and lines == [f"error: {tmp_path / 'none'}: prediction path does not exist"]
     assert run("--version")[0] == 0
+
+
+@pytest.mark.parametrize("module", ["prepare", "train", "rectify", "predict", "evaluate", "demo"])
+def test_each_command_module_imports_on_its_own(module):
+    # A fresh interpreter: importing a command module first used to be a circular import.
+    proc = subprocess.run([sys.executable, "-c", f"import crlnseg.cli.{module}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -334,6 +334,18 @@ def test_unwritable_run_folder_exit_2(data, tmp_path):
     assert errors == [f"error: {out}: cannot write (Not a directory)"], output
 
 
+def _digest(path: Path) -> str:
+    """Content hash of a file or a folder (names and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted([path, *path.rglob("*")] if path.is_dir() else [path]):
+        h.update(str(p.relative_to(path.parent)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 def _errors(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("error:")]
 
@@ -356,6 +368,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_p
         out.mkdir(parents=True)
     elif where == "overwrite":
         assert _run(_base(data, out, iterations=1))[0] == 0
+        before = {p.name: _digest(p) for p in out.iterdir() if p.name != "prepared"}
     raised = {"failure": RuntimeError("model could not be built"), "sigint": KeyboardInterrupt(),
               "sigterm": Terminated()}[kind]
 
@@ -369,8 +382,16 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_p
     assert len(_errors(output)) == 1 and all(w in _errors(output)[0] for w in words), output
     if where == "new":
         assert not (tmp_path / "parent").exists()  # the folders this run created are gone
-    else:
+    elif where == "empty":
         assert out.is_dir() and not any(out.iterdir()), list(out.iterdir())
+    else:  # the overwritten run is back as it was, and --resume continues it
+        assert sorted(p.name for p in out.iterdir()) == sorted(before), list(out.iterdir())
+        assert {name: _digest(out / name) for name in before} == before
+        if kind != "failure":
+            assert "put back the run it was overwriting" in _errors(output)[0], output
+        monkeypatch.undo()
+        assert _run([*_base(data, out, iterations=2), "--resume"])[0] == 0
+        return
     monkeypatch.undo()
     assert _run(_base(data, out, iterations=1))[0] == 0  # the plain retry works
 
@@ -388,14 +409,34 @@ def test_overwrite_failing_before_a_checkpoint_keeps_the_users_files(data, tmp_p
         raise RuntimeError("model could not be built")
 
     monkeypatch.setattr(ts, "init_state", broken)
+    last = _digest(out / "checkpoints")
     assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 1
     monkeypatch.undo()
     assert (out / "predictions" / "case0.nii.gz").read_text() == "mine"
-    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
-    code, output = _run(_base(data, out, iterations=1))  # still a run, one without checkpoint
-    assert code == 2 and "saved no checkpoint; use --overwrite" in output, output
-    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 0
+    assert _digest(out / "checkpoints") == last and not (out / ".crlnseg-previous").exists()
+    code, output = _run(_base(data, out, iterations=1))  # the old run, whole
+    assert code == 2 and "already holds a run; use --resume" in output, output
+    assert _run([*_base(data, out, iterations=2), "--overwrite"])[0] == 0
     assert (out / "predictions" / "case0.nii.gz").read_text() == "mine"
+    assert _digest(out / "checkpoints") != last and not (out / ".crlnseg-previous").exists()
+
+
+def test_overwrite_killed_outright_keeps_the_run_it_set_aside(data, tmp_path):
+    # SIGKILL leaves no clean-up: the set-aside run stays in .crlnseg-previous; the folder is
+    # still a run, and the next --overwrite (or a checkpoint) settles it.
+    from crlnseg.run_setup import PREVIOUS, _set_aside
+
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=1))[0] == 0
+    last = _digest(out / "checkpoints")
+    _set_aside(out)  # what a killed --overwrite leaves: the old run aside, nothing new yet
+    assert (out / PREVIOUS / "checkpoints").is_dir() and not (out / "checkpoints").exists()
+    code, output = _run(_base(data, out, iterations=1))
+    assert code == 2 and "already holds a run" in output, output  # not "not a crlnseg run"
+    _set_aside(out)  # a second killed attempt keeps the run that saved a checkpoint
+    assert _digest(out / PREVIOUS / "checkpoints") == last
+    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 0
+    assert not (out / PREVIOUS).exists() and (out / "checkpoints" / "last.pt").is_file()
 
 
 def test_interrupt_while_preparing_says_no_checkpoint_was_saved(data, tmp_path, monkeypatch):

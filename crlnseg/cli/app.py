@@ -8,23 +8,14 @@ status. SIGTERM is handled like Ctrl-C (temporaries removed, one line, exit 128 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import sys
-import threading
-import traceback
-from collections.abc import Callable, Iterator
-from functools import wraps
-from typing import Any, TypeVar
 
 import typer
 
 from crlnseg import __version__
+from crlnseg.cli.common import fail, handle_errors, option_error, state
 
 __all__ = ["app", "main", "handle_errors", "option_error", "state"]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
     name="crlnseg",
@@ -34,8 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-state = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -51,89 +40,6 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
     state["debug"] = debug
-
-
-def fail(message: str, code: int) -> None:
-    """Print one line on stderr and exit with ``code``."""
-    from crlnseg.console import console
-
-    if console.is_terminal:
-        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    else:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    raise typer.Exit(code)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While a command runs, SIGTERM raises :class:`crlnseg.errors.Terminated`."""
-    from crlnseg.errors import Terminated
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    owner = os.getpid()
-
-    def terminate(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked worker (process pool): die as it would have
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _traceback() -> None:
-    if state["debug"]:
-        traceback.print_exc(file=sys.stderr)
-
-
-def handle_errors(func: F) -> F:
-    """Wrap a command: known errors -> one line + exit status; others -> exit 1."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from crlnseg.errors import CrlnsegError, Terminated
-
-        try:
-            with sigterm_as_interrupt():
-                return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except CrlnsegError as err:
-            _traceback()
-            fail(str(err).splitlines()[0] if str(err) else type(err).__name__, err.exit_code)
-        except Terminated:
-            fail("terminated", 128 + signal.SIGTERM)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-        except MemoryError:
-            _traceback()
-            fail("out of memory: try a smaller patch or batch, or --amp on CUDA", 1)
-        except Exception as err:  # noqa: BLE001 - the CLI boundary
-            _traceback()
-            text = str(err).splitlines()[0] if str(err) else ""
-            hint = "" if state["debug"] else " (run with --debug for the traceback)"
-            fail(f"{type(err).__name__}: {text}{hint}", 1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def option_error(err: Any, options: dict[str, str] | None = None) -> Exception:
-    """A settings model's first ValidationError as ``--option: message`` (``options`` renames
-    fields whose option differs, e.g. sigma_scale -> sigma)."""
-    from crlnseg.errors import ConfigError
-
-    first = err.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else ""
-    option = (options or {}).get(field, field).replace("_", "-")
-    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our checks
-    return ConfigError(f"--{option}: {message}" if option else message)
 
 
 def _register() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from crlnseg.cli.app import handle_errors
+from crlnseg.cli.common import handle_errors
 
 HELP = (
     "Run the whole pipeline on a generated synthetic dataset, in a few minutes on a CPU.\n\n"

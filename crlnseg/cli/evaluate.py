@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from crlnseg.cli.app import handle_errors, option_error
+from crlnseg.cli.common import handle_errors, option_error
 
 HELP = "\n\n".join([
     "Compare predicted masks with ground truth: Dice, Jaccard, HD95, ASD (equal to medpy).",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from crlnseg.cli.app import handle_errors, option_error
+from crlnseg.cli.common import handle_errors, option_error
 
 if TYPE_CHECKING:
     from crlnseg.settings import PredictSettings

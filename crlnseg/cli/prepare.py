@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crlnseg.cli.app import handle_errors, option_error
+from crlnseg.cli.common import handle_errors, option_error
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from crlnseg.cli.app import handle_errors
+from crlnseg.cli.common import handle_errors
 from crlnseg.cli.predict import (
     AMP,
     BATCH,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from crlnseg.cli.app import handle_errors
+from crlnseg.cli.common import handle_errors
 
 HELP = "\n\n".join([
     "Train a model on labelled and unlabelled scans (CRLN, mean teacher or supervised).",
