@@ -51,7 +51,7 @@ RESUME_MAY_CHANGE = ("train.iterations", "train.log_every", "train.checkpoint_ev
                      "train.amp")
 OUTPUTS = ("checkpoints", "metrics.jsonl", "training.png", "settings.json", "environment.json")
 CACHES = ("labelled", "unlabelled", "val")  # RUN/prepared/<name>: raw inputs prepared on the fly
-PREVIOUS = ".crlnseg-previous"  # RUN/.crlnseg-previous: an overwritten run until the first checkpoint
+PREVIOUS = ".crlnseg-previous"  # an overwritten run, kept until the new one's first checkpoint
 
 
 def resolve_world(device: str, gpus: int, nproc: int) -> tuple[str, int]:
