@@ -18,7 +18,8 @@ def test_gpu_check_smoke_runs_every_step(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.md").read_text()
-    for step in ("iteration_cpu", "throughput_cpu", "predict_cpu", "pytest_cpu", "profile_crln_cpu"):
+    for step in ("iteration_cpu", "throughput_cpu", "predict_cpu", "pytest_cpu",
+                 "profile_crln_cpu"):
         assert f"## {step}: rc 0" in summary
         assert (out / f"{step}.log").is_file()
     result = json.loads((out / "predict_cpu.json").read_text())

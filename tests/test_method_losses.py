@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from crlnseg.method.losses import pseudo_label_loss, segmentation_loss, soft_dice_loss
-import pytest
-
-from crlnseg.method.positive_supervision import (class_mean_features, info_nce,
-                                                   positive_supervision_loss)
+from crlnseg.method.positive_supervision import (
+    class_mean_features,
+    info_nce,
+    positive_supervision_loss,
+)
 
 
 def gen(seed: int = 0) -> torch.Generator:
