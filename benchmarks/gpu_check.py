@@ -10,8 +10,9 @@ log and a summary under ``--out``:
    against the literature's uniform stride 18 x 18 x 4, each with and without AMP; one warm-up
    pass per protocol, then ``--repeats`` passes, protocols alternating.
 2. CRLN iteration vs mean-teacher iteration (``benchmarks/iteration_speed.py``): V-Net 16, R 16,
-   F 64, 2 + 2 crops; 112 x 112 x 80 in fp32 and with AMP + channels-last, 64 x 64 x 48 with AMP
-   + channels-last. Time per iteration, the ratio to mean teacher, CUDA allocator peak.
+   F 64, 2 + 2 crops; 112 x 112 x 80 in fp32 (plain layout) and with AMP + channels-last,
+   64 x 64 x 48 with AMP + channels-last. Time per iteration, the ratio to mean teacher, CUDA
+   allocator peak.
 3. ``crlnseg train`` against a bare ``train_step`` loop (``benchmarks/train_throughput.py``,
    AMP, 112 x 112 x 80): the loader's and bookkeeping's overhead where an iteration is short.
 Between 1 and 2, ``tests/test_cuda.py`` (CUDA against the CPU: predict with AMP, a training step

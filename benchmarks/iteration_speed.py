@@ -5,7 +5,8 @@ iteration(s) and reads the peak (process RSS on the CPU, a running maximum; CUDA
 a GPU). Time: one more subprocess per crop size alternates the timed iterations between the
 methods, so a noisy shared machine slows all alike and the ratio of medians is fair. Suffixes
 switch options per method: ``+ckpt`` (``train.activation_checkpointing``), ``+cl`` / ``+ncdhw``
-(``train.channels_last`` true / false; unset: channels-last on the CPU), ``+strongmu`` / ``+weakmu``
+(``train.channels_last`` true / false; unset: ``--channels-last/--no-channels-last``, else the
+default, channels-last), ``+strongmu`` / ``+weakmu``
 (``method.mu_view``; unset: the default, "weak"), e.g. ``crln+ckpt+ncdhw``.
 Like ``crlnseg train`` on the CPU, a worker whose methods all checkpoint fixes glibc's mmap
 threshold (:mod:`crlnseg.allocator`); the mixed timing process does not, unless
@@ -48,8 +49,8 @@ def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
         "method": {"method": method, "warmup_fraction": 0.0,
                    **({"mu_view": view} if view else {})},
         "train": {"patch": size, "amp": args.amp,
-                  "channels_last": True if args.channels_last or "cl" in flags
-                  else False if "ncdhw" in flags else None,
+                  "channels_last": True if "cl" in flags else False if "ncdhw" in flags
+                  else args.channels_last,
                   "activation_checkpointing": "ckpt" in flags}})
 
 
@@ -114,7 +115,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="layout of every method without +cl/+ncdhw; unset: the default (on)")
     p.add_argument("--base-filters", type=int, default=16)
     p.add_argument("--prototypes", type=int, default=16)
     p.add_argument("--prototype-dim", type=int, default=64)

@@ -4,7 +4,8 @@ Each phase of the iteration (the weak views, the teacher's pass, the strong view
 losses and inside them M(x) and the positive supervision, the optimiser step, the EMA update, the
 mu step, the step's closing ``float()`` reads) runs inside a ``record_function`` range, patched in
 here so that the library carries no profiling code. Prints one JSON line: per phase the CPU time
-(host time, which includes waiting at a synchronisation) and the device time of its kernels, the
+(host time, which includes waiting at a synchronisation), the time of the kernels it launched and
+its span on the GPU timeline, the
 top operators by self device time (self CPU time on the CPU), how often the host waited for the
 device (``aten::item``/``_local_scalar_dense``, ``aten::nonzero``, stream synchronisations), and
 the wall time per iteration next to the device's busy time: busy far below wall means the host
@@ -57,7 +58,7 @@ def profile(args: argparse.Namespace) -> dict:
 
     import crlnseg.method.train_step as ts
     from crlnseg.method.crln import CRLNModel
-    from crlnseg.method.train_step import Batch, init_state, train_step
+    from crlnseg.method.train_step import Batch, channels_last, init_state, train_step
 
     for name in PHASES:
         setattr(ts, name, _ranged(getattr(ts, name), name))
@@ -95,10 +96,20 @@ def profile(args: argparse.Namespace) -> dict:
         sync()
     events = prof.key_averages()
     n = args.iterations
-    phases = {e.key.removeprefix("phase::"): {"calls": e.count / n,
-                                              "cpu_ms": e.cpu_time_total / n / 1e3,
-                                              "device_ms": _device_us(e, False) / n / 1e3}
-              for e in events if e.key.startswith("phase::")}
+    # A range appears twice on CUDA: the host-side range (its CPU time, which includes waiting at
+    # synchronisations, and the kernels its operators launched) and the GPU-side annotation (the
+    # span from its first to its last kernel on the device, idle gaps included).
+    phases: dict[str, dict[str, float]] = {}
+    for e in events:
+        if not e.key.startswith("phase::"):
+            continue
+        row = phases.setdefault(e.key.removeprefix("phase::"),
+                                {"calls": 0.0, "cpu_ms": 0.0, "kernel_ms": 0.0, "gpu_span_ms": 0.0})
+        if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU:
+            row.update(calls=e.count / n, cpu_ms=e.cpu_time_total / n / 1e3,
+                       kernel_ms=_device_us(e, False) / n / 1e3)
+        else:
+            row["gpu_span_ms"] = _device_us(e, False) / n / 1e3
     ops = [e for e in events if not e.key.startswith("phase::")]
     if cuda:
         top = sorted(ops, key=lambda e: _device_us(e, True), reverse=True)[:args.rows]
@@ -111,7 +122,7 @@ def profile(args: argparse.Namespace) -> dict:
     return {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "size": args.size, "method": args.method, "amp": args.amp,
-        "channels_last": bool(settings.train.channels_last), "iterations": n,
+        "channels_last": channels_last(settings, device), "iterations": n,
         "wall_ms_per_iteration": wall * 1e3, "device_busy_ms_per_iteration": busy,
         "mu": record.mu, "phases": phases,
         "waits_per_iteration": {e.key: e.count / n for e in ops if e.key in SYNC_OPS},
@@ -127,8 +138,9 @@ def table(result: dict) -> str:
              f"{result['wall_ms_per_iteration']:.1f} ms/iteration (unprofiled), device busy "
              f"{result['device_busy_ms_per_iteration']:.1f} ms; host waits per iteration "
              f"{result['waits_per_iteration']}",
-             "| phase | calls | CPU ms | device ms |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['calls']:.0f} | {v['cpu_ms']:.1f} | {v['device_ms']:.1f} |"
+             "| phase | calls | CPU ms | kernel ms | GPU span ms |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['calls']:.0f} | {v['cpu_ms']:.1f} | {v['kernel_ms']:.1f} | "
+              f"{v['gpu_span_ms']:.1f} |"
               for k, v in sorted(result["phases"].items(), key=lambda kv: -kv[1]["cpu_ms"])]
     lines += ["| op | calls | self device ms | self CPU ms |", "|---|---|---|---|"]
     lines += [f"| {o['op']} | {o['calls']:.0f} | {o['self_device_ms']:.2f} | "
@@ -145,7 +157,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="unset: the default layout (channels-last)")
     p.add_argument("--base-filters", type=int, default=16)
     p.add_argument("--prototypes", type=int, default=16)
     p.add_argument("--prototype-dim", type=int, default=64)

@@ -197,8 +197,7 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] |
 
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder")
-    # A run set aside by an --overwrite that was killed outright (no clean-up) is still a run.
-    run = out.is_dir() and (is_run(out) or is_run(out / PREVIOUS))
+    run = out.is_dir() and is_run(out)
     last = out / "checkpoints" / "last.pt"
     if resume:
         if not out.exists():
@@ -334,22 +333,25 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
 
 def _remove(paths: list[Path], parents: list[Path]) -> None:
     # A second Ctrl-C must not cut the clean-up short (a half-removed folder blocks a retry).
-    with _sigint_ignored():
+    with _signals_ignored():
         _remove_now(paths, parents)
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM are ignored inside: a clean-up or a move cut in half is worse than a
+    stop request that comes a moment late (the user can send it again)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {n: signal.signal(n, signal.SIG_IGN) for n in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for n, handler in previous.items():
+            signal.signal(n, handler)
 
 
 def _remove_now(paths: list[Path], parents: list[Path]) -> None:
@@ -366,38 +368,71 @@ def _remove_now(paths: list[Path], parents: list[Path]) -> None:
             pass
 
 
+# Moves between RUN_DIR and RUN_DIR/PREVIOUS go checkpoints first when setting aside and last
+# when putting back, so checkpoints/last.pt at the top always means the top holds a whole run.
+def _moves(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: n != "checkpoints")
+
+
 def _set_aside(out: Path) -> None:
-    """``--overwrite``: move the old run's outputs into ``out/PREVIOUS``."""
+    """``--overwrite``: move the old run's outputs into ``out/PREVIOUS`` (all or none)."""
     previous = out / PREVIOUS
-    existing = [out / n for n in OUTPUTS if (out / n).exists() or (out / n).is_symlink()]
-    if previous.is_dir() and not (out / "checkpoints" / "last.pt").is_file():
-        # An earlier --overwrite was killed before its first checkpoint: what is set aside is
-        # still the last run that saved one; the killed attempt's files go.
-        _remove_now(existing, [])
+    names = _moves([n for n in OUTPUTS if (out / n).exists() or (out / n).is_symlink()])
+    if not names:
         return
-    if previous.exists() or previous.is_symlink():  # stale: the run beside it has checkpointed
-        _remove_now([previous], [])
-    if existing:
-        previous.mkdir()
-        for path in existing:
-            path.rename(previous / path.name)
+    moved: list[str] = []
+    with _signals_ignored():
+        try:
+            previous.mkdir()
+            for name in names:
+                (out / name).rename(previous / name)
+                moved.append(name)
+        except OSError as err:
+            for name in reversed(moved):
+                (previous / name).rename(out / name)
+            with contextlib.suppress(OSError):
+                previous.rmdir()
+            raise OutputExistsError(f"{out}: cannot set the old run aside for --overwrite "
+                                    f"({err.strerror or err})") from None
 
 
 def _restore(out: Path) -> bool:
-    """Move a run set aside by ``--overwrite`` back (after the new run failed); whether one was."""
+    """Move a run set aside by ``--overwrite`` back over what the new run wrote; whether one was."""
     previous = out / PREVIOUS
     if not previous.is_dir() or previous.is_symlink():
         return False
-    with _sigint_ignored():
-        for path in previous.iterdir():
-            _remove_now([out / path.name], [])
-            path.rename(out / path.name)
+    with _signals_ignored():
+        for name in reversed(_moves([p.name for p in previous.iterdir()])):
+            _remove_now([out / name], [])
+            (previous / name).rename(out / name)
         previous.rmdir()
     return True
 
 
+def _drop(previous: Path) -> None:
+    try:
+        shutil.rmtree(previous)
+    except OSError as err:
+        why = err.strerror or err
+        raise OutputExistsError(f"{previous}: cannot remove the run an earlier --overwrite "
+                                f"replaced ({why}); remove it by hand") from None
+
+
+def _settle_previous(out: Path) -> None:
+    """An ``--overwrite`` killed outright (no clean-up) leaves the run it replaced in
+    ``out/PREVIOUS``: put it back if the new run saved no checkpoint, else drop it."""
+    previous = out / PREVIOUS
+    if not previous.is_dir() or previous.is_symlink():
+        return
+    if (out / "checkpoints" / "last.pt").is_file():
+        _drop(previous)
+    elif _restore(out):
+        log(f"{out}: put back the run that an interrupted --overwrite had set aside")
+
+
 def drop_previous(out: Path) -> None:
-    """The new run saved a checkpoint: the run it overwrote goes for good."""
+    """The new run saved a checkpoint: the run it overwrote goes for good (best effort here; a
+    leftover is removed, or reported, by the next ``crlnseg train`` on this folder)."""
     previous = out / PREVIOUS
     if previous.is_dir() and not previous.is_symlink():
         shutil.rmtree(previous, ignore_errors=True)
@@ -465,6 +500,7 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
                           "(or use --method supervised)")
     _check_inputs(out, {"--labelled": labelled, "--unlabelled": unlabelled, "--val": val})
     _check_batch_norm(settings)
+    _settle_previous(out)
     saved = _check_run_dir(out, resume, overwrite)
     if saved is not None:
         check_resume_world(saved["meta"], world)

@@ -31,7 +31,8 @@ def test_gpu_check_smoke_runs_every_step(tmp_path: Path) -> None:
         assert sorted(per_case) == ["40x36x36", "44x40x33"]
         assert all(len(v) == 1 and v[0] > 0 for v in per_case.values())
     assert "| crln |" in summary and '"overhead"' in summary
-    assert "| phase | calls | CPU ms | device ms |" in summary and "| student_losses |" in summary
+    assert "| phase | calls | CPU ms | kernel ms | GPU span ms |" in summary
+    assert "| student_losses | 1 |" in summary
 
 
 def test_gpu_check_budget_skips_steps_it_cannot_start(tmp_path: Path) -> None:

@@ -421,22 +421,40 @@ def test_overwrite_failing_before_a_checkpoint_keeps_the_users_files(data, tmp_p
     assert _digest(out / "checkpoints") != last and not (out / ".crlnseg-previous").exists()
 
 
-def test_overwrite_killed_outright_keeps_the_run_it_set_aside(data, tmp_path):
-    # SIGKILL leaves no clean-up: the set-aside run stays in .crlnseg-previous; the folder is
-    # still a run, and the next --overwrite (or a checkpoint) settles it.
+@pytest.mark.parametrize("state", ["set aside", "half set aside", "new run started"])
+def test_an_overwrite_killed_outright_gets_its_old_run_back(data, tmp_path, state):
+    # SIGKILL leaves no clean-up: the old run waits in .crlnseg-previous. The next crlnseg train
+    # on the folder puts it back (the killed run saved no checkpoint), so --resume continues it.
     from crlnseg.run_setup import PREVIOUS, _set_aside
 
     out = tmp_path / "run"
     assert _run(_base(data, out, iterations=1))[0] == 0
-    last = _digest(out / "checkpoints")
-    _set_aside(out)  # what a killed --overwrite leaves: the old run aside, nothing new yet
-    assert (out / PREVIOUS / "checkpoints").is_dir() and not (out / "checkpoints").exists()
+    before = {p.name: _digest(p) for p in out.iterdir() if p.name != "prepared"}
+    if state == "half set aside":  # killed inside the moves: checkpoints go first
+        (out / PREVIOUS).mkdir()
+        (out / "checkpoints").rename(out / PREVIOUS / "checkpoints")
+    else:
+        _set_aside(out)
+        if state == "new run started":  # what the killed run wrote before its first checkpoint
+            (out / "checkpoints").mkdir()
+            (out / "settings.json").write_text("{}")
     code, output = _run(_base(data, out, iterations=1))
-    assert code == 2 and "already holds a run" in output, output  # not "not a crlnseg run"
-    _set_aside(out)  # a second killed attempt keeps the run that saved a checkpoint
-    assert _digest(out / PREVIOUS / "checkpoints") == last
-    assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 0
-    assert not (out / PREVIOUS).exists() and (out / "checkpoints" / "last.pt").is_file()
+    assert code == 2 and "already holds a run; use --resume" in output, output
+    assert not (out / PREVIOUS).exists()
+    assert {p.name: _digest(p) for p in out.iterdir() if p.name != "prepared"} == before
+    assert _run([*_base(data, out, iterations=2), "--resume"])[0] == 0
+
+
+def test_a_set_aside_run_left_after_a_checkpoint_is_dropped(data, tmp_path):
+    # Killed between the new run's first checkpoint and removing the old run: the old one goes.
+    from crlnseg.run_setup import PREVIOUS
+
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=1))[0] == 0
+    (out / PREVIOUS / "checkpoints").mkdir(parents=True)
+    (out / PREVIOUS / "settings.json").write_text("{}")
+    assert _run([*_base(data, out, iterations=2), "--resume"])[0] == 0
+    assert not (out / PREVIOUS).exists()
 
 
 def test_interrupt_while_preparing_says_no_checkpoint_was_saved(data, tmp_path, monkeypatch):
@@ -625,3 +643,32 @@ def test_a_run_without_checkpoint_suggests_overwrite(data, tmp_path):
     code, output = _run(_base(data, out, iterations=1))
     assert code == 2 and "saved no checkpoint; use --overwrite" in output, output
     assert _run([*_base(data, out, iterations=1), "--overwrite"])[0] == 0
+
+
+def test_setting_a_run_aside_is_all_or_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from crlnseg.errors import OutputExistsError
+    from crlnseg.run_setup import PREVIOUS, _set_aside
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.pt").write_text("weights")
+    (out / "settings.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("{}\n")
+    before = {p.name: _digest(p) for p in out.iterdir()}
+    calls = []
+    rename = Path.rename
+
+    def flaky(self, target):
+        calls.append(self.name)
+        if len(calls) == 2:  # the second move fails (a busy mount, say)
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", flaky)
+    with pytest.raises(OutputExistsError, match="cannot set the old run aside.*busy"):
+        _set_aside(out)
+    assert calls[0] == "checkpoints"  # checkpoints move first
+    assert not (out / PREVIOUS).exists()
+    assert {p.name: _digest(p) for p in out.iterdir()} == before
