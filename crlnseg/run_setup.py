@@ -354,6 +354,30 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(n, handler)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then act as usual: a move cut in half is
+    worse than a stop a moment late, and a scheduler's one SIGTERM must not be lost."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous = {n: signal.signal(n, note) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
 def _remove_now(paths: list[Path], parents: list[Path]) -> None:
     for path in paths:
         if path.is_dir() and not path.is_symlink():
@@ -374,16 +398,56 @@ def _moves(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: n != "checkpoints")
 
 
+OWNER = ".owner.json"  # in PREVIOUS: which process set the run aside (pid, host, start time)
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (Linux), so that a reused pid is not taken for the owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(previous: Path) -> dict[str, Any] | None:
+    """The record of the process that set ``previous`` aside, if it still runs (another host's:
+    assumed to run, since it cannot be checked)."""
+    import socket
+
+    owner = _read_json(previous / OWNER)
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return None
+    if owner.get("host") != socket.gethostname():
+        return owner
+    pid = owner["pid"]
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # exists, another user's
+    start = owner.get("start")
+    return owner if start is None or _start_time(pid) in (None, start) else None
+
+
 def _set_aside(out: Path) -> None:
-    """``--overwrite``: move the old run's outputs into ``out/PREVIOUS`` (all or none)."""
+    """``--overwrite``: move the old run's outputs into ``out/PREVIOUS`` (all or none), with a
+    record of this process, so that a concurrent ``crlnseg train`` does not take them back."""
+    import socket
+
     previous = out / PREVIOUS
     names = _moves([n for n in OUTPUTS if (out / n).exists() or (out / n).is_symlink()])
     if not names:
         return
     moved: list[str] = []
-    with _signals_ignored():
+    with _signals_deferred():
         try:
             previous.mkdir()
+            (previous / OWNER).write_text(json.dumps({
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "start": _start_time(os.getpid())}), encoding="utf-8")
             for name in names:
                 (out / name).rename(previous / name)
                 moved.append(name)
@@ -391,6 +455,7 @@ def _set_aside(out: Path) -> None:
             for name in reversed(moved):
                 (previous / name).rename(out / name)
             with contextlib.suppress(OSError):
+                (previous / OWNER).unlink()
                 previous.rmdir()
             raise OutputExistsError(f"{out}: cannot set the old run aside for --overwrite "
                                     f"({err.strerror or err})") from None
@@ -402,9 +467,12 @@ def _restore(out: Path) -> bool:
     if not previous.is_dir() or previous.is_symlink():
         return False
     with _signals_ignored():
-        for name in reversed(_moves([p.name for p in previous.iterdir()])):
+        names = [p.name for p in previous.iterdir() if p.name != OWNER]
+        for name in reversed(_moves(names)):
             _remove_now([out / name], [])
             (previous / name).rename(out / name)
+        with contextlib.suppress(FileNotFoundError):
+            (previous / OWNER).unlink()
         previous.rmdir()
     return True
 
@@ -420,13 +488,20 @@ def _drop(previous: Path) -> None:
 
 def _settle_previous(out: Path) -> None:
     """An ``--overwrite`` killed outright (no clean-up) leaves the run it replaced in
-    ``out/PREVIOUS``: put it back if the new run saved no checkpoint, else drop it."""
+    ``out/PREVIOUS``: put it back if the new run saved no checkpoint, else drop it; refuse while
+    the process that set it aside still runs (its run has not checkpointed yet)."""
     previous = out / PREVIOUS
     if not previous.is_dir() or previous.is_symlink():
         return
     if (out / "checkpoints" / "last.pt").is_file():
         _drop(previous)
-    elif _restore(out):
+        return
+    owner = _owner_alive(previous)
+    if owner is not None:
+        raise OutputExistsError(f"{out}: in use: crlnseg train (pid {owner['pid']} on "
+                                f"{owner.get('host')}) is replacing this run (--overwrite) and "
+                                "has not saved a checkpoint yet; wait for it or stop it")
+    if _restore(out):
         log(f"{out}: put back the run that an interrupted --overwrite had set aside")
 
 
@@ -454,8 +529,16 @@ def discard_unsaved_run(plan: RunPlan, err: BaseException, signum: int | None = 
         return _interrupted(err, plan.out, plan.out in plan.discard, signum)
     if others:  # files of the user's own: stay a (checkpoint-less) run, --overwrite may retry
         discard = [p for p in discard if p.name not in ("settings.json", "environment.json")]
-    _remove(discard, plan.discard_parents)
-    restored = plan.out not in plan.discard and _restore(plan.out)
+    restored = False
+    with _signals_ignored():
+        _remove_now(discard, plan.discard_parents)
+        if plan.out not in plan.discard:
+            try:
+                restored = _restore(plan.out)
+            except OSError as restore_err:  # the next crlnseg train on the folder tries again
+                log(f"warning: {plan.out}: could not put back the run set aside in {PREVIOUS} "
+                    f"({restore_err.strerror or restore_err}); the next crlnseg train on this "
+                    "folder does")
     return _interrupted(err, plan.out, plan.out in plan.discard, signum, restored)
 
 
@@ -525,7 +608,18 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
             raise
         raise raised from None
     if saved is None:
-        _set_aside(out)
+        try:
+            _set_aside(out)
+        except BaseException as err:  # rolled back, or a deferred stop request after the moves
+            restored = False
+            with _signals_ignored():
+                with contextlib.suppress(OSError):
+                    restored = _restore(out)
+                _remove_now(fresh_caches, [])
+            raised = _interrupted(err, out, False, None, restored)
+            if raised is err:
+                raise
+            raise raised from None
     discard = parents[:1] if parents else [*(out / name for name in OUTPUTS), *fresh_caches]
     plan = RunPlan(out, settings, lab_dir, unl_dir, val_dir, {}, saved is not None, device_type,
                    world, discard=[] if saved else discard,

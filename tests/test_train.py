@@ -446,15 +446,97 @@ def test_an_overwrite_killed_outright_gets_its_old_run_back(data, tmp_path, stat
 
 
 def test_a_set_aside_run_left_after_a_checkpoint_is_dropped(data, tmp_path):
-    # Killed between the new run's first checkpoint and removing the old run: the old one goes.
+    # Killed between the new run's first checkpoint and removing the old run: the next train on
+    # the folder (here one that is refused) drops the old one and leaves the new run alone.
     from crlnseg.run_setup import PREVIOUS
 
     out = tmp_path / "run"
     assert _run(_base(data, out, iterations=1))[0] == 0
+    last = _digest(out / "checkpoints")
     (out / PREVIOUS / "checkpoints").mkdir(parents=True)
     (out / PREVIOUS / "settings.json").write_text("{}")
-    assert _run([*_base(data, out, iterations=2), "--resume"])[0] == 0
+    code, output = _run(_base(data, out, iterations=1))
+    assert code == 2 and "already holds a run; use --resume" in output, output
+    assert not (out / PREVIOUS).exists() and _digest(out / "checkpoints") == last
+
+
+def test_a_live_overwrite_is_not_disturbed_by_another_train(data, tmp_path):
+    # While the process that set the old run aside still runs (no checkpoint yet), another
+    # crlnseg train on the folder must not take the old run back from under it.
+    import json as json_
+    import subprocess as sp
+
+    from crlnseg.run_setup import OWNER, PREVIOUS, _set_aside
+
+    out = tmp_path / "run"
+    assert _run(_base(data, out, iterations=1))[0] == 0
+    _set_aside(out)
+    owner = sp.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = json_.loads((out / PREVIOUS / OWNER).read_text())
+        (out / PREVIOUS / OWNER).write_text(json_.dumps({**record, "pid": owner.pid,
+                                                         "start": None}))
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, output = _run([*_base(data, out, iterations=1), *extra])
+            assert code == 2 and f"in use: crlnseg train (pid {owner.pid}" in output, output
+            assert (out / PREVIOUS / "checkpoints").is_dir() and not (out / "checkpoints").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    code, output = _run(_base(data, out, iterations=1))  # its owner gone: the old run comes back
+    assert code == 2 and "already holds a run; use --resume" in output, output
+    assert (out / "checkpoints" / "last.pt").is_file() and not (out / PREVIOUS).exists()
+
+
+def test_restore_moves_checkpoints_back_last(tmp_path, monkeypatch):
+    from crlnseg.run_setup import OUTPUTS, PREVIOUS, _restore, _set_aside
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in OUTPUTS[1:]:
+        (out / name).write_text(name)
+    _set_aside(out)
+    order = []
+    rename = Path.rename
+
+    def recording(self, target):
+        order.append(self.name)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", recording)
+    assert _restore(out)
+    assert order[-1] == "checkpoints" and sorted(order) == sorted(OUTPUTS)
     assert not (out / PREVIOUS).exists()
+
+
+def test_a_stop_request_during_the_set_aside_waits_for_the_moves(tmp_path, monkeypatch):
+    import signal as sig
+
+    from crlnseg.run_setup import OUTPUTS, PREVIOUS, _set_aside
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in OUTPUTS[1:]:
+        (out / name).write_text(name)
+    seen = []
+    previous = sig.signal(sig.SIGTERM, lambda signum, frame: seen.append(
+        sorted(p.name for p in (out / PREVIOUS).iterdir())))
+    rename = Path.rename
+
+    def stopped_midway(self, target):
+        if self.name == "checkpoints":
+            os.kill(os.getpid(), sig.SIGTERM)  # a scheduler's one SIGTERM, mid-move
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", stopped_midway)
+    try:
+        _set_aside(out)
+    finally:
+        handler = sig.getsignal(sig.SIGTERM)
+        sig.signal(sig.SIGTERM, previous)
+    # Delivered once, after every move, to the handler that was there before.
+    assert len(seen) == 1 and set(OUTPUTS) <= set(seen[0]), seen
+    assert handler is not previous and callable(handler)
 
 
 def test_interrupt_while_preparing_says_no_checkpoint_was_saved(data, tmp_path, monkeypatch):
