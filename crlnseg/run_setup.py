@@ -333,31 +333,16 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
 
 def _remove(paths: list[Path], parents: list[Path]) -> None:
     # A second Ctrl-C must not cut the clean-up short (a half-removed folder blocks a retry).
-    with _signals_ignored():
+    with _signals_held():
         _remove_now(paths, parents)
 
 
 @contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM are ignored inside: a clean-up or a move cut in half is worse than a
-    stop request that comes a moment late (the user can send it again)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {n: signal.signal(n, signal.SIG_IGN) for n in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for n, handler in previous.items():
-            signal.signal(n, handler)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block ends, then act as usual: a move cut in half is
-    worse than a stop a moment late, and a scheduler's one SIGTERM must not be lost."""
+def _signals_held(deliver: bool = False) -> Iterator[None]:
+    """SIGINT and SIGTERM cannot cut the block short: a clean-up or a move cut in half is worse
+    than a stop that comes a moment late. ``deliver``: the first one received acts as usual when
+    the block ends (a scheduler sends its one SIGTERM once); else it is dropped (clean-ups run on
+    the way out already)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -374,7 +359,7 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for n, handler in previous.items():
             signal.signal(n, handler)
-        if received:
+        if deliver and received:
             signal.raise_signal(received[0])
 
 
@@ -442,7 +427,7 @@ def _set_aside(out: Path) -> None:
     if not names:
         return
     moved: list[str] = []
-    with _signals_deferred():
+    with _signals_held(deliver=True):
         try:
             previous.mkdir()
             (previous / OWNER).write_text(json.dumps({
@@ -466,7 +451,7 @@ def _restore(out: Path) -> bool:
     previous = out / PREVIOUS
     if not previous.is_dir() or previous.is_symlink():
         return False
-    with _signals_ignored():
+    with _signals_held():
         names = [p.name for p in previous.iterdir() if p.name != OWNER]
         for name in reversed(_moves(names)):
             _remove_now([out / name], [])
@@ -530,7 +515,7 @@ def discard_unsaved_run(plan: RunPlan, err: BaseException, signum: int | None = 
     if others:  # files of the user's own: stay a (checkpoint-less) run, --overwrite may retry
         discard = [p for p in discard if p.name not in ("settings.json", "environment.json")]
     restored = False
-    with _signals_ignored():
+    with _signals_held():
         _remove_now(discard, plan.discard_parents)
         if plan.out not in plan.discard:
             try:
@@ -612,7 +597,7 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
             _set_aside(out)
         except BaseException as err:  # rolled back, or a deferred stop request after the moves
             restored = False
-            with _signals_ignored():
+            with _signals_held():
                 with contextlib.suppress(OSError):
                     restored = _restore(out)
                 _remove_now(fresh_caches, [])
