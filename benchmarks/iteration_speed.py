@@ -9,7 +9,7 @@ switch options per method: ``+ckpt`` (``train.activation_checkpointing``), ``+cl
 default, channels-last), ``+strongmu`` / ``+weakmu``
 (``method.mu_view``; unset: the default, "weak"), e.g. ``crln+ckpt+ncdhw``.
 Like ``crlnseg train`` on the CPU, a worker whose methods all checkpoint fixes glibc's mmap
-threshold (:mod:`crlnseg.allocator`); the mixed timing process does not, unless
+threshold (:mod:`crlnseg.train.allocator`); the mixed timing process does not, unless
 ``CRLNSEG_GLIBC_MMAP=1`` (``=0``: never).
 Run by hand, not by pytest:
 
@@ -57,12 +57,13 @@ def _settings(args: argparse.Namespace, method: str, size: tuple[int, ...]):
 def worker(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from crlnseg.method.train_step import Batch, channels_last, init_state, train_step
+    from crlnseg.method.train_step import Batch, train_step
+    from crlnseg.train.state import channels_last, init_state
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cpu":  # as `crlnseg train` does; process-wide, so decided per process
-        from crlnseg.allocator import release_freed_memory, wanted
+        from crlnseg.train.allocator import release_freed_memory, wanted
 
         if wanted(all(m.endswith("+ckpt") or "+ckpt+" in m for m in args.methods)):
             release_freed_memory()

@@ -29,8 +29,8 @@ def main() -> None:
     import torch
 
     import crlnseg.method.train_step as ts
-    from crlnseg.allocator import release_freed_memory, wanted
     from crlnseg.settings import RunSettings
+    from crlnseg.train.allocator import release_freed_memory, wanted
 
     torch.set_num_threads(args.threads)
     mmap = wanted(args.checkpointing) and release_freed_memory()  # as `crlnseg train` does
@@ -66,7 +66,9 @@ def main() -> None:
     x = torch.randn(4, 1, *size)
     smooth = torch.nn.functional.avg_pool3d(x, 9, stride=1, padding=4)
     batch = ts.Batch(x[:2], (smooth[:2, 0] > 0.05).long(), x[2:])
-    state = ts.init_state(settings, torch.device("cpu"))
+    from crlnseg.train.state import init_state
+
+    state = init_state(settings, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     ts.train_step(state, batch, settings, generator, total_iterations=1000)
     marks.clear()

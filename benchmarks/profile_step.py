@@ -58,7 +58,8 @@ def profile(args: argparse.Namespace) -> dict:
 
     import crlnseg.method.train_step as ts
     from crlnseg.method.crln import CRLNModel
-    from crlnseg.method.train_step import Batch, channels_last, init_state, train_step
+    from crlnseg.method.train_step import Batch, train_step
+    from crlnseg.train.state import channels_last, init_state
 
     for name in PHASES:
         setattr(ts, name, _ranged(getattr(ts, name), name))

@@ -39,7 +39,8 @@ def score(run: Path, checkpoint: Path, images: list[Path], labels: Path,
     from crlnseg.inference.sliding_window import sliding_window
     from crlnseg.io import read_case_images, read_label
     from crlnseg.method.rectification import rectify
-    from crlnseg.rectify import find_label, mean_dice
+    from crlnseg.metrics import mean_foreground_dice as mean_dice
+    from crlnseg.rectify import find_label
     from crlnseg.settings import PredictSettings
 
     extra = {} if sigma is None else {"sigma_scale": sigma}

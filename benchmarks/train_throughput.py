@@ -43,8 +43,8 @@ def make_dataset(root: Path, patch: tuple[int, int, int], channels: int = 1) -> 
 
 
 def rate_train(settings, labelled: Path, unlabelled: Path, root: Path, n: int) -> float:
-    from crlnseg.run_folder import read_metrics
     from crlnseg.train import train
+    from crlnseg.train.logging import read_metrics
 
     run = root / "run"
     shutil.rmtree(run, ignore_errors=True)
@@ -56,7 +56,8 @@ def rate_train(settings, labelled: Path, unlabelled: Path, root: Path, n: int) -
 
 
 def rate_bare(settings, n: int) -> float:
-    from crlnseg.method.train_step import Batch, init_state, train_step
+    from crlnseg.method.train_step import Batch, train_step
+    from crlnseg.train.state import init_state
 
     t, device = settings.train, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = init_state(settings, device)

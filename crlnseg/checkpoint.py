@@ -5,7 +5,7 @@ A checkpoint is one ``torch.save`` of plain containers, tensors, numbers and str
 
     {"format": "crlnseg-checkpoint", "format_version": 1, "crlnseg_version", "torch_version",
      "settings": RunSettings as JSON, "meta": {"classes", "channels", "prepare", "iteration", ...},
-     "state": state_to_dict(TrainState), "rng": {"torch", "numpy", "python"}}
+     "state": {"student", "teacher", "optimizer", ...}, "rng": {"torch", "numpy", "python"}}
 
 The training loop draws its randomness from generators seeded by ``(seed, rank, iteration)``, so
 ``state`` + ``meta.iteration`` are enough to resume exactly; the global RNG states are stored too
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from crlnseg.settings import RunSettings
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "copy_checkpoint", "load_checkpoint",
-           "resolve_checkpoint", "load_inference_model", "rng_state", "set_rng_state"]
+           "resolve_checkpoint", "rng_state", "set_rng_state"]
 
 FORMAT = "crlnseg-checkpoint"
 FORMAT_VERSION = 1
@@ -68,14 +68,13 @@ def _atomic_save(obj: Any, path: Path) -> None:
     write_atomic(path, save_synced, overwrite=True)
 
 
-def save_checkpoint(path: Path, state: Any, settings: RunSettings, meta: dict) -> None:
-    """Write ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    from crlnseg.method.train_step import state_to_dict
-
+def save_checkpoint(path: Path, state: dict[str, Any], settings: RunSettings, meta: dict) -> None:
+    """Write ``path`` atomically (temporary file in the same folder, then ``os.replace``);
+    ``state``: the training state as plain containers and tensors."""
     _atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION,
                   "crlnseg_version": __version__, "torch_version": str(torch.__version__),
                   "settings": settings.model_dump(mode="json"), "meta": dict(meta),
-                  "state": state_to_dict(state), "rng": rng_state()}, Path(path))
+                  "state": state, "rng": rng_state()}, Path(path))
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
@@ -123,35 +122,3 @@ def resolve_checkpoint(model: Path, which: str = "last") -> Path:
     if not model.exists():
         raise CheckpointError(f"{model}: no such run folder or checkpoint")
     return model
-
-
-def load_inference_model(model: Path, which: str = "last",
-                         device: Any = "cpu") -> tuple[Any, RunSettings, dict]:
-    """The EMA teacher (what inference uses) in eval mode, the run's settings and its meta."""
-    from crlnseg.config import settings_from_dict
-    from crlnseg.method.crln import build_model
-
-    path = resolve_checkpoint(model, which)
-    data = load_checkpoint(path, map_location="cpu")
-    settings = settings_from_dict(data["settings"], source=str(path))
-    net = build_model(settings)
-    try:
-        net.load_state_dict(data["state"]["teacher"])
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: teacher weights do not match the model "
-                              f"({str(err).splitlines()[0][:120]})") from None
-    meta = data["meta"]
-    from crlnseg.inference.choice import check_choice
-
-    problem = check_choice(meta.get("inference"))
-    if problem:
-        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
-    # A meta that disagrees with the weights would fail mid-run, after outputs were planned.
-    classes = meta.get("classes", range(settings.model.num_classes))
-    if len(classes) != settings.model.num_classes:
-        raise CheckpointError(f"{path}: damaged checkpoint: {len(classes)} classes in its meta, "
-                              f"{settings.model.num_classes} in its model")
-    if int(meta.get("channels", settings.model.in_channels)) != settings.model.in_channels:
-        raise CheckpointError(f"{path}: damaged checkpoint: {meta.get('channels')} channels in "
-                              f"its meta, {settings.model.in_channels} in its model")
-    return net.to(device).eval(), settings, meta

@@ -6,8 +6,11 @@ Library code raises these with a message that names the file or case and the pro
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 __all__ = ["CrlnsegError", "DataError", "ConfigError", "OutputExistsError", "CheckpointError",
-           "RunFailure", "RunInterrupted", "Terminated"]
+           "RunFailure", "RunInterrupted", "Terminated", "on_failure"]
 
 
 class CrlnsegError(Exception):
@@ -58,3 +61,16 @@ class RunInterrupted(CrlnsegError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (a subclass, so every cleanup that
     handles an interrupt handles it too); the CLI exits 143 (128 + SIGTERM)."""
+
+
+@contextlib.contextmanager
+def on_failure(handler: Callable[[BaseException], BaseException | None]) -> Iterator[None]:
+    """Clean up when the block raises anything (interrupts included): ``handler(err)`` runs and
+    returns the exception to raise instead (None, or ``err`` itself: ``err`` goes on)."""
+    try:
+        yield
+    except BaseException as err:
+        replacement = handler(err)
+        if replacement is None or replacement is err:
+            raise
+        raise replacement from None

@@ -20,37 +20,21 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
-from pydantic import Field
 
 from crlnseg.console import track
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import split_suffix
 from crlnseg.io.readers import GEOMETRY_TOL, label_array
 from crlnseg.metrics import case_metrics
-from crlnseg.settings import Strict
+from crlnseg.settings import EvaluateSettings
 
-__all__ = ["EvaluateSettings", "Pair", "Report", "evaluate", "evaluate_folders", "evaluate_pair",
+__all__ = ["Pair", "Report", "evaluate", "evaluate_pair",
            "evaluate_pairs", "match_cases", "plan_pairs", "check_output", "summarize",
            "bootstrap_ci"]
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
-
-
-class EvaluateSettings(Strict):
-    """Options of ``crlnseg evaluate``."""
-
-    classes: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="labels to evaluate; None: every non-zero GT label (union over cases)")
-    voxel_units: bool = Field(False, description="distances in voxels (spacing 1) instead of mm")
-    bootstrap: int = Field(
-        0, ge=0, description="bootstrap resamples for the 95% interval of each mean; 0: none")
-    seed: int = Field(0, description="seed of the bootstrap")
-    workers: int = Field(1, ge=1, description="processes computing cases in parallel")
-    allow_missing: bool = Field(
-        False, description="score cases present on one side only as failures instead of stopping")
 
 
 @dataclass(frozen=True)
@@ -177,11 +161,6 @@ def evaluate_pairs(pairs: list[Pair], settings: EvaluateSettings) -> Report:
         rows += [by_class.get(k) or _both_empty_row(pair.case, k) for k in classes]
     units = "voxel" if settings.voxel_units else "mm"
     return Report(units, rows, summarize(rows, classes, settings.bootstrap, settings.seed))
-
-
-def evaluate_folders(pred: Path, gt: Path, settings: EvaluateSettings) -> Report:
-    """All cases of two folders of masks, matched by case ID."""
-    return evaluate_pairs(match_cases(Path(pred), Path(gt), settings.allow_missing), settings)
 
 
 def plan_pairs(pred: Path, gt: Path, allow_missing: bool = False) -> list[Pair]:

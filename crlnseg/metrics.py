@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
-__all__ = ["dice", "jaccard", "crop_to_union", "surface", "surface_distances", "hd95_asd", "hd95",
-           "asd", "case_metrics"]
+__all__ = ["dice", "mean_foreground_dice", "jaccard", "crop_to_union", "surface",
+           "surface_distances", "hd95_asd", "hd95", "asd", "case_metrics"]
 
 Spacing = Sequence[float] | None
 
@@ -34,6 +34,17 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     p, r = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
     total = np.count_nonzero(p) + np.count_nonzero(r)
     return 1.0 if total == 0 else float(2.0 * np.count_nonzero(p & r) / total)
+
+
+def mean_foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int,
+                         where: np.ndarray | None = None) -> float | None:
+    """Mean Dice over the foreground classes 1 .. C-1, restricted to the voxels ``where`` when
+    given (None when ``where`` selects no voxel: nothing to score)."""
+    if where is not None:
+        if not where.any():
+            return None
+        pred, ref = pred[where], ref[where]
+    return float(np.mean([dice(pred == c, ref == c) for c in range(1, num_classes)]))
 
 
 def jaccard(pred: np.ndarray, ref: np.ndarray) -> float:

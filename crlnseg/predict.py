@@ -23,16 +23,22 @@ from pathlib import Path
 import numpy as np
 
 from crlnseg.console import log
-from crlnseg.data.discovery import CaseFiles, discover_cases, discover_single
+from crlnseg.data.discovery import CaseFiles
 from crlnseg.errors import DataError
-from crlnseg.io.paths import IMAGE_SUFFIXES, channel_index, split_suffix
-from crlnseg.io.readers import Header
-from crlnseg.io.writers import check_not_inputs, check_outputs, file_key, make_folder, write_atomic
+from crlnseg.inference.cases import (
+    check_channels,
+    check_headers,
+    input_cases,
+    is_image_path,
+    output_extension,
+    written_so_far,
+)
+from crlnseg.io.paths import IMAGE_SUFFIXES, split_suffix
+from crlnseg.io.writers import check_not_inputs, check_outputs, make_folder, write_atomic
 from crlnseg.settings import PredictSettings
 
-__all__ = ["CaseResult", "input_cases", "plan_cases", "check_outputs", "check_not_inputs",
-           "check_headers", "check_channels", "written_so_far", "predict_paths",
-           "summary_line", "probabilities_path", "save_probabilities"]
+__all__ = ["CaseResult", "plan_cases", "predict_paths", "summary_line", "probabilities_path",
+           "save_probabilities"]
 
 
 @dataclass
@@ -43,95 +49,21 @@ class CaseResult:
     voxels: dict[str, int]
 
 
-def _is_image_path(path: Path) -> bool:
-    return split_suffix(path)[1].lower() in IMAGE_SUFFIXES
-
-
-def _extension(case: CaseFiles) -> str:
-    ext = split_suffix(case.images[0])[1]
-    return ext if ext.lower() in IMAGE_SUFFIXES else ".nii.gz"
-
-
-def input_cases(inputs: list[Path]) -> tuple[list[CaseFiles], bool]:
-    """The cases of INPUT and whether INPUT was a folder (else one case: one or more files)."""
-    inputs = [Path(p) for p in inputs]
-    if not inputs:
-        raise DataError("no input given")
-    if len(inputs) == 1 and inputs[0].is_dir():
-        return discover_cases(inputs[0]), True
-    if len(inputs) == 1:
-        return [discover_single(inputs[0])], False
-    cases = [discover_single(p) for p in inputs]  # each exists and is an image
-    _check_distinct(inputs)
-    return [_channel_case(inputs, [c.id for c in cases])], False
-
-
-def _check_distinct(paths: list[Path]) -> None:
-    seen: dict[tuple[int, int], Path] = {}
-    for path in paths:
-        other = seen.setdefault(file_key(path), path)  # type: ignore[arg-type]
-        if other is not path:
-            raise DataError(f"{path}: given twice as a channel file (also {other})")
-
-
-def _channel_case(paths: list[Path], ids: list[str]) -> CaseFiles:
-    """Explicit channel files as one case, checked as folder discovery checks them."""
-    order = [channel_index(split_suffix(p)[0]) for p in paths]
-    if all(i is None for i in order):  # no suffixes: the order given is the channel order
-        return CaseFiles(id=ids[0], images=paths)
-    if any(i is None for i in order):
-        plain = paths[order.index(None)]
-        raise DataError(f"{plain}: no channel suffix (_0000, _0001...) while other files have "
-                        "one; name every channel file <ID>_<NNNN> or none")
-    for path, case_id in zip(paths, ids, strict=True):
-        if case_id != ids[0]:
-            raise DataError(f"{path}: case '{case_id}' differs from '{ids[0]}' of {paths[0]}; "
-                            "the channel files of one case share its ID")
-    if sorted(order) != list(range(len(paths))):  # type: ignore[type-var]
-        raise DataError(f"{paths[0]}: case '{ids[0]}' has channels {sorted(order)}, "  # type: ignore[type-var]
-                        f"expected 0..{len(paths) - 1}")
-    return CaseFiles(id=ids[0], images=[p for _, p in sorted(zip(order, paths, strict=True))])
-
-
 def plan_cases(inputs: list[Path], output: Path) -> list[tuple[CaseFiles, Path]]:
     """The cases of INPUT and the mask path of each."""
     output = Path(output)
     cases, from_folder = input_cases(inputs)
     if from_folder:
-        if _is_image_path(output) or (output.exists() and not output.is_dir()):
+        if is_image_path(output) or (output.exists() and not output.is_dir()):
             raise DataError(f"{output}: INPUT is a folder, so OUTPUT must be a folder")
-        return [(c, output / f"{c.id}{_extension(c)}") for c in cases]
+        return [(c, output / f"{c.id}{output_extension(c)}") for c in cases]
     case = cases[0]
-    if not _is_image_path(output) and output.suffix and not output.is_dir():
+    if not is_image_path(output) and output.suffix and not output.is_dir():
         # "a.png" would otherwise become a folder a.png/ holding a.nii.gz.
         raise DataError(f"{output}: '{output.suffix}' is not an image extension (OUTPUT is a mask "
                         f"{', '.join(IMAGE_SUFFIXES)}, or a folder)")
-    target = output if _is_image_path(output) else output / f"{case.id}{_extension(case)}"
+    target = output if is_image_path(output) else output / f"{case.id}{output_extension(case)}"
     return [(case, target)]
-
-
-def check_headers(cases: list[CaseFiles], h5_spacing: tuple[float, float, float]
-                  ) -> dict[str, Header]:
-    """Every case's header-level checks, so that bad input stops the run before any output."""
-    from crlnseg.io.readers import check_case_headers
-
-    return {case.id: check_case_headers(case.images, h5_spacing) for case in cases}
-
-
-def check_channels(headers: dict[str, Header], channels: int) -> None:
-    """Every case has the model's number of channels (files, or volumes of one 4D file)."""
-    for case_id, header in headers.items():
-        if header.shape[0] != channels:
-            raise DataError(f"case {case_id}: {header.shape[0]} channel(s) ({header.path}), but "
-                            f"the model was trained on {channels} channel(s)")
-
-
-def written_so_far(err: DataError, done: int, where: Path) -> DataError:
-    """``err`` saying that ``done`` cases already have outputs (a rerun then needs --overwrite)."""
-    if not done:
-        return err
-    return DataError(f"{str(err).splitlines()[0]} ({done} case(s) before it were already written "
-                     f"to {where}; rerun with --overwrite to replace them)")
 
 
 def probabilities_path(mask_path: Path) -> Path:

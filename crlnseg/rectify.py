@@ -30,14 +30,20 @@ import numpy as np
 from crlnseg.console import log
 from crlnseg.data.discovery import CaseFiles
 from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.inference.cases import (
+    check_channels,
+    check_headers,
+    input_cases,
+    output_extension,
+    written_so_far,
+)
 from crlnseg.io.paths import IMAGE_SUFFIXES, split_suffix
 from crlnseg.io.writers import check_not_inputs, check_outputs, make_folder, write_atomic
-from crlnseg.metrics import dice
-from crlnseg.predict import check_channels, check_headers, input_cases, written_so_far
+from crlnseg.metrics import mean_foreground_dice
 from crlnseg.settings import PredictSettings
 
 __all__ = ["COLUMNS", "DICE_COLUMNS", "KINDS", "case_outputs", "find_label", "find_labels",
-           "mean_dice", "case_row", "rectify_paths"]
+           "case_row", "rectify_paths"]
 
 KINDS = ("rectified", "raw", "confidence", "reliable")
 COLUMNS = ["case", "mu", "reliable_raw", "reliable_rectified", "seconds"]
@@ -51,8 +57,7 @@ class CaseOutputs:
 
 
 def case_outputs(case: CaseFiles, out: Path, preview: bool) -> CaseOutputs:
-    ext = split_suffix(case.images[0])[1]
-    ext = ext if ext.lower() in IMAGE_SUFFIXES else ".nii.gz"
+    ext = output_extension(case)
     files = {kind: out / f"{case.id}_{kind}{ext}" for kind in KINDS}
     return CaseOutputs(files, out / "preview" / f"{case.id}.png" if preview else None)
 
@@ -89,14 +94,6 @@ def find_labels(labels: Path, case_ids: list[str]) -> dict[str, Path]:
     return found
 
 
-def mean_dice(pred: np.ndarray, ref: np.ndarray, classes: int,
-              where: np.ndarray | None = None) -> float:
-    """Mean Dice over foreground classes 1..classes-1, restricted to ``where`` when given."""
-    if where is not None:
-        pred, ref = pred[where], ref[where]
-    return float(np.mean([dice(pred == c, ref == c) for c in range(1, classes)]))
-
-
 def case_row(case_id: str, pred: Any, threshold: float, classes: int,
              label: np.ndarray | None) -> dict[str, Any]:
     """One summary row from a :class:`RectifiedPrediction` (and the ground truth, if any)."""
@@ -107,10 +104,11 @@ def case_row(case_id: str, pred: Any, threshold: float, classes: int,
                            "reliable_rectified": float(rect_ok.mean()),
                            "seconds": round(pred.seconds, 3)}
     if label is not None:
-        row["dice_raw"] = mean_dice(pred.raw, label, classes)
-        row["dice_rectified"] = mean_dice(pred.rectified, label, classes)
-        row["dice_raw_reliable"] = mean_dice(pred.raw, label, classes, raw_ok)
-        row["dice_rectified_reliable"] = mean_dice(pred.rectified, label, classes, rect_ok)
+        row["dice_raw"] = mean_foreground_dice(pred.raw, label, classes)
+        row["dice_rectified"] = mean_foreground_dice(pred.rectified, label, classes)
+        row["dice_raw_reliable"] = mean_foreground_dice(pred.raw, label, classes, raw_ok)
+        row["dice_rectified_reliable"] = mean_foreground_dice(pred.rectified, label, classes,
+                                                              rect_ok)
     return row
 
 

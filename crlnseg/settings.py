@@ -9,9 +9,11 @@ as NIfTI voxel indices; "in-plane" means X and Y.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from crlnseg.types import IntTriple, Triple
 
 __all__ = [
     "Strict",
@@ -23,11 +25,10 @@ __all__ = [
     "TrainSettings",
     "RunSettings",
     "PredictSettings",
+    "EvaluateSettings",
     "PRESETS",
 ]
 
-Triple = tuple[float, float, float]
-IntTriple = tuple[int, int, int]
 
 
 def check_stride(stride: IntTriple | None, patch: IntTriple | None) -> None:
@@ -143,7 +144,7 @@ class TrainSettings(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
     channels_last: bool | None = Field(None, description="channels-last 3D memory format; None: on (faster on the CPU and on CUDA, benchmarks/RESULTS.md)")
-    activation_checkpointing: bool = Field(False, description="memory-saving mode: recompute the student's full-resolution activations in the backward pass (same results); on the CPU freed tensors also go back to the OS (crlnseg.allocator). 112x112x80 on a 2-core CPU: ~0.65x the peak memory, 1.1-1.2x the time")
+    activation_checkpointing: bool = Field(False, description="memory-saving mode: recompute the student's full-resolution activations in the backward pass (same results); on the CPU freed tensors also go back to the OS (crlnseg.train.allocator). 112x112x80 on a 2-core CPU: ~0.65x the peak memory, 1.1-1.2x the time")
     num_workers: int = Field(2, ge=0, description="data loader worker processes")
     log_every: int = Field(20, ge=1, description="iterations between metrics.jsonl lines")
     checkpoint_every: int = Field(1000, ge=1, description="iterations between periodic checkpoints")
@@ -221,3 +222,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "checkpoint_every": 250, "val_every": 250, "log_every": 10},
             "method": {"warmup_fraction": 0.1}},
 }
+
+
+class EvaluateSettings(Strict):
+    """Options of ``crlnseg evaluate``."""
+
+    classes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="labels to evaluate; None: every non-zero GT label (union over cases)")
+    voxel_units: bool = Field(False, description="distances in voxels (spacing 1) instead of mm")
+    bootstrap: int = Field(
+        0, ge=0, description="bootstrap resamples for the 95% interval of each mean; 0: none")
+    seed: int = Field(0, description="seed of the bootstrap")
+    workers: int = Field(1, ge=1, description="processes computing cases in parallel")
+    allow_missing: bool = Field(
+        False, description="score cases present on one side only as failures instead of stopping")

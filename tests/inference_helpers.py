@@ -76,8 +76,8 @@ def make_tiny_run(folder: Path, channels: int = 1, inference: dict | None = None
     """A real (untrained) crlnseg run: base filters 4, R 2, F 8, patch 16^3; ``inference``: a
     validated blending choice stored as training stores it (crlnseg.inference.choice)."""
     from crlnseg.checkpoint import save_checkpoint
-    from crlnseg.method.train_step import init_state
     from crlnseg.settings import MethodSettings, ModelSettings, RunSettings, TrainSettings
+    from crlnseg.train.state import init_state, state_to_dict
 
     settings = RunSettings(
         model=ModelSettings(in_channels=channels, base_filters=4, prototypes_per_class=2,
@@ -90,5 +90,5 @@ def make_tiny_run(folder: Path, channels: int = 1, inference: dict | None = None
     meta = {"classes": ["background", "foreground"], "channels": channels, "method": method,
             "prepare": settings.prepare.model_dump(mode="json"), "iteration": 0,
             "inference": inference}
-    save_checkpoint(folder / "checkpoints" / "last.pt", state, settings, meta)
+    save_checkpoint(folder / "checkpoints" / "last.pt", state_to_dict(state), settings, meta)
     return folder

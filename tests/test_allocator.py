@@ -10,7 +10,7 @@ import pytest
 
 PROBE = """
 import os, sys, torch
-from crlnseg.allocator import release_freed_memory, wanted
+from crlnseg.train.allocator import release_freed_memory, wanted
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
 print(int(wanted(False) and release_freed_memory()))
@@ -44,7 +44,7 @@ def test_freed_tensors_are_returned_only_with_the_fixed_threshold() -> None:
 
 
 def test_only_the_memory_mode_wants_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from crlnseg.allocator import wanted
+    from crlnseg.train.allocator import wanted
 
     monkeypatch.delenv("CRLNSEG_GLIBC_MMAP", raising=False)
     assert wanted(True) and not wanted(False)

@@ -12,14 +12,15 @@ from crlnseg.checkpoint import (
     FORMAT_VERSION,
     copy_checkpoint,
     load_checkpoint,
-    load_inference_model,
     resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from crlnseg.errors import CheckpointError
+from crlnseg.inference.model import load_inference_model
 from crlnseg.settings import RunSettings
+from crlnseg.train.state import state_to_dict
 
 SETTINGS = RunSettings.model_validate({
     "model": {"base_filters": 4, "prototypes_per_class": 2, "prototype_dim": 4},
@@ -28,7 +29,7 @@ SETTINGS = RunSettings.model_validate({
 
 @pytest.fixture(scope="module")
 def state():
-    from crlnseg.method.train_step import init_state
+    from crlnseg.train.state import init_state
 
     torch.set_num_threads(1)
     s = init_state(SETTINGS, torch.device("cpu"))
@@ -41,7 +42,8 @@ def state():
 
 def test_round_trip_is_weights_only_and_self_describing(tmp_path, state):
     path = tmp_path / "run" / "checkpoints" / "last.pt"
-    save_checkpoint(path, state, SETTINGS, {"classes": [0, 1], "channels": 1, "iteration": 7})
+    save_checkpoint(path, state_to_dict(state), SETTINGS,
+                    {"classes": [0, 1], "channels": 1, "iteration": 7})
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary left
     data = torch.load(path, weights_only=True)  # plain containers only
     assert data["format"] == "crlnseg-checkpoint" and data["format_version"] == FORMAT_VERSION
@@ -61,7 +63,8 @@ def test_rng_state_round_trip():
 
 def test_inference_model_is_the_teacher_in_eval_mode(tmp_path, state):
     run = tmp_path / "run"
-    save_checkpoint(run / "checkpoints" / "last.pt", state, SETTINGS, {"classes": [0, 1]})
+    save_checkpoint(run / "checkpoints" / "last.pt", state_to_dict(state), SETTINGS,
+                    {"classes": [0, 1]})
     model, settings, meta = load_inference_model(run)
     assert not model.training and settings == SETTINGS and meta["classes"] == [0, 1]
     for key, value in state.teacher.state_dict().items():
@@ -86,7 +89,7 @@ def test_errors_are_one_line(tmp_path, state):
     with pytest.raises(CheckpointError, match="not a crlnseg checkpoint"):
         load_checkpoint(foreign)
     future = tmp_path / "future.pt"
-    save_checkpoint(future, state, SETTINGS, {})
+    save_checkpoint(future, state_to_dict(state), SETTINGS, {})
     data = torch.load(future, weights_only=True)
     data["format_version"] = FORMAT_VERSION + 1
     torch.save(data, future)

@@ -19,8 +19,9 @@ from crlnseg.cli.app import app
 from crlnseg.inference.predictor import Predictor
 from crlnseg.io.volume import Geometry, Volume
 from crlnseg.method.crln import build_model
-from crlnseg.method.train_step import Batch, init_state, train_step
+from crlnseg.method.train_step import Batch, train_step
 from crlnseg.settings import PredictSettings, PrepareSettings, RunSettings
+from crlnseg.train.state import init_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -57,7 +58,7 @@ def test_predict_with_amp_on_cuda_matches_fp32_on_the_cpu() -> None:
 @pytest.mark.parametrize("amp", [False, "bf16-or-fp16", "fp16"])
 def test_train_step_on_cuda_learns_and_agrees_with_the_cpu(amp, monkeypatch) -> None:
     if amp == "fp16":  # the grad-scaler path, which GPUs with bf16 (A100, H100) never take
-        monkeypatch.setattr("crlnseg.method.train_step._amp_dtype", lambda device: torch.float16)
+        monkeypatch.setattr("crlnseg.train.state.amp_dtype", lambda device: torch.float16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 32, 32, 32, generator=g)
     label = (torch.nn.functional.avg_pool3d(x, 5, stride=1, padding=2)[:2, 0] > 0.05).long()

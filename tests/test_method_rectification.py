@@ -6,8 +6,9 @@ import torch
 
 from crlnseg.method.crln import build_model, predict_logits
 from crlnseg.method.rectification import pseudo_labels, rectify
-from crlnseg.method.train_step import _mu_step, init_state
+from crlnseg.method.train_step import _mu_step
 from crlnseg.settings import RunSettings
+from crlnseg.train.state import init_state
 
 TINY = {"model": {"base_filters": 4, "prototypes_per_class": 2, "prototype_dim": 8}}
 

@@ -7,16 +7,9 @@ import copy
 import pytest
 import torch
 
-from crlnseg.method.train_step import (
-    Batch,
-    init_state,
-    poly_lr,
-    state_from_dict,
-    state_to_dict,
-    student_losses,
-    train_step,
-)
+from crlnseg.method.train_step import Batch, poly_lr, student_losses, train_step
 from crlnseg.settings import RunSettings
+from crlnseg.train.state import init_state, state_from_dict, state_to_dict
 
 
 def tiny(method: str = "crln", **over) -> RunSettings:
@@ -151,7 +144,7 @@ def test_activation_checkpointing_gives_the_same_iterations():
 
 
 def test_channels_last_is_the_default_and_can_be_switched_off():
-    from crlnseg.method.train_step import channels_last
+    from crlnseg.train.state import channels_last
 
     def with_train(**update):
         return tiny().model_copy(update={"train": tiny().train.model_copy(update=update)})

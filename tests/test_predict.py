@@ -307,7 +307,7 @@ def test_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, tiny_r
     (["p1_0000", "p1"], "no channel suffix"),
 ])
 def test_explicit_channel_files_are_checked_as_folder_discovery_does(tmp_path, names, text):
-    from crlnseg.predict import input_cases
+    from crlnseg.inference.cases import input_cases
 
     image = blob_image()[0]
     paths = [write_nifti(tmp_path / f"{name}.nii.gz", image) for name in names]
@@ -321,7 +321,7 @@ def test_explicit_channel_files_are_checked_as_folder_discovery_does(tmp_path, n
 
 
 def test_explicit_channel_files_in_any_order(tmp_path):
-    from crlnseg.predict import input_cases
+    from crlnseg.inference.cases import input_cases
 
     image = blob_image()[0]
     paths = [write_nifti(tmp_path / f"p1_{c:04d}.nii.gz", image) for c in (1, 0)]

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from crlnseg.cli.app import app
 from crlnseg.inference.predictor import Predictor, RectifiedPrediction
 from crlnseg.io import Geometry, Volume
-from crlnseg.rectify import COLUMNS, DICE_COLUMNS, KINDS, case_row, mean_dice
+from crlnseg.metrics import mean_foreground_dice as mean_dice
+from crlnseg.rectify import COLUMNS, DICE_COLUMNS, KINDS, case_row
 from crlnseg.settings import PredictSettings, PrepareSettings
 
 runner = CliRunner()

@@ -16,9 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from crlnseg.checkpoint import load_checkpoint, load_inference_model
+from crlnseg.checkpoint import load_checkpoint
 from crlnseg.cli.app import app
 from crlnseg.inference.choice import variant_name
+from crlnseg.inference.model import load_inference_model
 
 # Tiny everything: 16^3 crops of 24 x 20 x 18 volumes, 2-filter-wide... 4-filter V-Net.
 TINY = ["--preset", "cpu", "--patch", "16", "16", "16", "--base-filters", "4",
@@ -130,7 +131,7 @@ def test_resume_after_sigterm_equals_uninterrupted(data, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     assert _run(_base(data, straight, iterations=4))[0] == 0
 
-    import crlnseg.method.train_step as ts
+    import crlnseg.train.loop as ts
 
     real = ts.train_step
 
@@ -242,10 +243,10 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, problem, message):
 
 
 def test_out_of_memory_becomes_a_run_failure():
-    from crlnseg.distributed import Dist
     from crlnseg.errors import RunFailure
     from crlnseg.settings import RunSettings
-    from crlnseg.train import _out_of_memory_hint
+    from crlnseg.train.loop import _out_of_memory_hint
+    from crlnseg.train.parallel import Dist
 
     with pytest.raises(RunFailure, match="smaller --patch"):
         with _out_of_memory_hint(RunSettings(), Dist(), 3):
@@ -302,7 +303,7 @@ def test_sigterm_to_a_real_process_then_resume(data, tmp_path):
 
 
 def test_last_validation_ignores_lines_of_an_earlier_session():
-    from crlnseg.train import last_validation
+    from crlnseg.train.launch import last_validation
 
     history = [{"iteration": 2, "loss": 1.0}, {"iteration": 2, "val_dice": 0.5},
                {"iteration": 4, "val_dice": 0.6, "val_dice_largest": 0.65},
@@ -360,7 +361,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_p
                                                                      kind, code, words, where):
     # settings.json, environment.json and checkpoints/ used to stay, blocking both a retry
     # ("already holds a run") and --resume ("nothing to resume").
-    import crlnseg.method.train_step as ts
+    import crlnseg.train.loop as ts
     from crlnseg.errors import Terminated
 
     out = tmp_path / "parent" / "run"
@@ -398,7 +399,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(data, tmp_p
 
 def test_overwrite_failing_before_a_checkpoint_keeps_the_users_files(data, tmp_path,
                                                                       monkeypatch):
-    import crlnseg.method.train_step as ts
+    import crlnseg.train.loop as ts
 
     out = tmp_path / "run"
     assert _run(_base(data, out, iterations=1))[0] == 0
@@ -425,7 +426,8 @@ def test_overwrite_failing_before_a_checkpoint_keeps_the_users_files(data, tmp_p
 def test_an_overwrite_killed_outright_gets_its_old_run_back(data, tmp_path, state):
     # SIGKILL leaves no clean-up: the old run waits in .crlnseg-previous. The next crlnseg train
     # on the folder puts it back (the killed run saved no checkpoint), so --resume continues it.
-    from crlnseg.run_setup import PREVIOUS, _set_aside
+    from crlnseg.train.overwrite import PREVIOUS, set_aside
+    from crlnseg.train.run_dir import OUTPUTS
 
     out = tmp_path / "run"
     assert _run(_base(data, out, iterations=1))[0] == 0
@@ -434,7 +436,7 @@ def test_an_overwrite_killed_outright_gets_its_old_run_back(data, tmp_path, stat
         (out / PREVIOUS).mkdir()
         (out / "checkpoints").rename(out / PREVIOUS / "checkpoints")
     else:
-        _set_aside(out)
+        set_aside(out, OUTPUTS)
         if state == "new run started":  # what the killed run wrote before its first checkpoint
             (out / "checkpoints").mkdir()
             (out / "settings.json").write_text("{}")
@@ -448,7 +450,7 @@ def test_an_overwrite_killed_outright_gets_its_old_run_back(data, tmp_path, stat
 def test_a_set_aside_run_left_after_a_checkpoint_is_dropped(data, tmp_path):
     # Killed between the new run's first checkpoint and removing the old run: the next train on
     # the folder (here one that is refused) drops the old one and leaves the new run alone.
-    from crlnseg.run_setup import PREVIOUS
+    from crlnseg.train.overwrite import PREVIOUS
 
     out = tmp_path / "run"
     assert _run(_base(data, out, iterations=1))[0] == 0
@@ -463,22 +465,25 @@ def test_a_set_aside_run_left_after_a_checkpoint_is_dropped(data, tmp_path):
 def test_a_live_overwrite_is_not_disturbed_by_another_train(data, tmp_path):
     # While the process that set the old run aside still runs (no checkpoint yet), another
     # crlnseg train on the folder must not take the old run back from under it.
-    import json as json_
     import subprocess as sp
 
-    from crlnseg.run_setup import OWNER, PREVIOUS, _set_aside
+    from crlnseg.train import overwrite
+    from crlnseg.train.overwrite import LOCK, PREVIOUS, set_aside
+    from crlnseg.train.run_dir import OUTPUTS
 
     out = tmp_path / "run"
     assert _run(_base(data, out, iterations=1))[0] == 0
-    _set_aside(out)
-    owner = sp.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    set_aside(out, OUTPUTS)
+    overwrite._release(out / PREVIOUS)  # the lock now belongs to the process below
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+    owner = sp.Popen([sys.executable, "-c", holder, str(out / PREVIOUS / LOCK)], stdout=sp.PIPE,
+                     text=True)
     try:
-        record = json_.loads((out / PREVIOUS / OWNER).read_text())
-        (out / PREVIOUS / OWNER).write_text(json_.dumps({**record, "pid": owner.pid,
-                                                         "start": None}))
+        assert owner.stdout.readline().strip() == "locked"
         for extra in ([], ["--resume"], ["--overwrite"]):
             code, output = _run([*_base(data, out, iterations=1), *extra])
-            assert code == 2 and f"in use: crlnseg train (pid {owner.pid}" in output, output
+            assert code == 2 and "in use: another crlnseg train is replacing" in output, output
             assert (out / PREVIOUS / "checkpoints").is_dir() and not (out / "checkpoints").exists()
     finally:
         owner.kill()
@@ -489,13 +494,14 @@ def test_a_live_overwrite_is_not_disturbed_by_another_train(data, tmp_path):
 
 
 def test_restore_moves_checkpoints_back_last(tmp_path, monkeypatch):
-    from crlnseg.run_setup import OUTPUTS, PREVIOUS, _restore, _set_aside
+    from crlnseg.train.overwrite import PREVIOUS, restore, set_aside
+    from crlnseg.train.run_dir import OUTPUTS
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     for name in OUTPUTS[1:]:
         (out / name).write_text(name)
-    _set_aside(out)
+    set_aside(out, OUTPUTS)
     order = []
     rename = Path.rename
 
@@ -504,7 +510,7 @@ def test_restore_moves_checkpoints_back_last(tmp_path, monkeypatch):
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", recording)
-    assert _restore(out)
+    assert restore(out)
     assert order[-1] == "checkpoints" and sorted(order) == sorted(OUTPUTS)
     assert not (out / PREVIOUS).exists()
 
@@ -512,7 +518,8 @@ def test_restore_moves_checkpoints_back_last(tmp_path, monkeypatch):
 def test_a_stop_request_during_the_set_aside_waits_for_the_moves(tmp_path, monkeypatch):
     import signal as sig
 
-    from crlnseg.run_setup import OUTPUTS, PREVIOUS, _set_aside
+    from crlnseg.train.overwrite import PREVIOUS, set_aside
+    from crlnseg.train.run_dir import OUTPUTS
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -530,7 +537,7 @@ def test_a_stop_request_during_the_set_aside_waits_for_the_moves(tmp_path, monke
 
     monkeypatch.setattr(Path, "rename", stopped_midway)
     try:
-        _set_aside(out)
+        set_aside(out, OUTPUTS)
     finally:
         handler = sig.getsignal(sig.SIGTERM)
         sig.signal(sig.SIGTERM, previous)
@@ -540,7 +547,7 @@ def test_a_stop_request_during_the_set_aside_waits_for_the_moves(tmp_path, monke
 
 
 def test_interrupt_while_preparing_says_no_checkpoint_was_saved(data, tmp_path, monkeypatch):
-    import crlnseg.prepare as prep
+    import crlnseg.train.plan as prep
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -731,7 +738,8 @@ def test_setting_a_run_aside_is_all_or_nothing(tmp_path, monkeypatch):
     import errno
 
     from crlnseg.errors import OutputExistsError
-    from crlnseg.run_setup import PREVIOUS, _set_aside
+    from crlnseg.train.overwrite import PREVIOUS, set_aside
+    from crlnseg.train.run_dir import OUTPUTS
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -750,7 +758,7 @@ def test_setting_a_run_aside_is_all_or_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "rename", flaky)
     with pytest.raises(OutputExistsError, match="cannot set the old run aside.*busy"):
-        _set_aside(out)
+        set_aside(out, OUTPUTS)
     assert calls[0] == "checkpoints"  # checkpoints move first
     assert not (out / PREVIOUS).exists()
     assert {p.name: _digest(p) for p in out.iterdir()} == before

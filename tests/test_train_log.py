@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from crlnseg.method.train_step import StepRecord
-from crlnseg.plot import plot_training
-from crlnseg.run_folder import MetricsLog, Progress, environment_info, read_metrics
+from crlnseg.train.logging import MetricsLog, Progress, environment_info, read_metrics
+from crlnseg.train.plot import plot_training
 
 
 def _record(loss: float, mu: float | None) -> StepRecord:

@@ -16,7 +16,7 @@ from crlnseg.metrics import dice
 from crlnseg.prepare import prepare_dataset
 from crlnseg.settings import PredictSettings, PrepareSettings
 from crlnseg.synthetic import generate_dataset
-from crlnseg.validation import blending, validate
+from crlnseg.train.validation import blending, validate
 
 
 @pytest.fixture(scope="module")

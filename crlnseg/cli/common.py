@@ -1,5 +1,6 @@
-"""What every command shares: the ``--debug`` state, one-line failures, SIGTERM as an interrupt,
-the error-to-exit-status wrapper and settings errors as ``--option: message``.
+"""What every command shares: the ``--debug`` state, one-line failures, the error-to-exit-status
+wrapper (SIGTERM acts as an interrupt while a command runs, :mod:`crlnseg.signals`) and
+settings errors as ``--option: message``.
 
 Kept apart from :mod:`crlnseg.cli.app`, which imports every command module to register it, so that
 a command module can be imported on its own (``import crlnseg.cli.predict``) without a cycle.
@@ -7,19 +8,16 @@ a command module can be imported on its own (``import crlnseg.cli.predict``) wit
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
 import typer
 
-__all__ = ["state", "fail", "sigterm_as_interrupt", "handle_errors", "option_error"]
+__all__ = ["state", "fail", "handle_errors", "option_error"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,30 +35,6 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While a command runs, SIGTERM raises :class:`crlnseg.errors.Terminated`."""
-    from crlnseg.errors import Terminated
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    owner = os.getpid()
-
-    def terminate(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked worker (process pool): die as it would have
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _traceback() -> None:
     if state["debug"]:
         traceback.print_exc(file=sys.stderr)
@@ -72,6 +46,7 @@ def handle_errors(func: F) -> F:
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from crlnseg.errors import CrlnsegError, Terminated
+        from crlnseg.signals import sigterm_as_interrupt
 
         try:
             with sigterm_as_interrupt():

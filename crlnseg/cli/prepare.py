@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from pydantic import ValidationError
 
-        from crlnseg.prepare import prepare_dataset
+        from crlnseg.prepare import prepare, summary
         from crlnseg.settings import PrepareSettings
 
         try:
@@ -43,10 +43,6 @@ def register(app: typer.Typer) -> None:
                 crop_nonzero=crop_nonzero, interpolation=interpolation, h5_spacing=h5_spacing)
         except ValidationError as err:
             raise option_error(err) from None
-        manifest = prepare_dataset(source, out, settings, workers=workers, overwrite=overwrite,
-                                   keep_going=keep_going)
-        new = len(manifest.cases) - manifest.skipped
-        failed = f", {len(manifest.failed)} failed" if manifest.failed else ""
-        n = len(manifest.cases)
-        print(f"prepared {n} case{'s' * (n != 1)} -> {out} ({new} new, "
-              f"{manifest.skipped} already prepared{failed})")
+        manifest = prepare(source, out, settings, workers=workers, overwrite=overwrite,
+                           keep_going=keep_going)
+        print(summary(manifest, out))

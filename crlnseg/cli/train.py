@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 
 from crlnseg.cli.common import handle_errors
+from crlnseg.console import log
+from crlnseg.signals import exit_code
 
 HELP = "\n\n".join([
     "Train a model on labelled and unlabelled scans (CRLN, mean teacher or supervised).",
@@ -67,44 +70,27 @@ def register(app: typer.Typer) -> None:
                                           "settings as JSON and exit (model.in_channels, "
                                           "model.num_classes and prepare.* are taken from the "
                                           "labelled data when training starts)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the JSON result on stdout "
+                                     "even on a terminal (always printed when piped)."),
     ) -> None:
-        from crlnseg.config import resolve_settings, saved_run_settings
         from crlnseg.errors import ConfigError
+        from crlnseg.train import result_json, run_settings, summary
+        from crlnseg.train import train as run_train
 
         options = {"method": {"method": method}, "model": {"base_filters": base_filters},
                    "train": {"iterations": iterations, "patch": patch, "seed": seed,
                              "batch_labelled": batch_labelled, "device": device, "amp": amp,
                              "batch_unlabelled": batch_unlabelled, "log_every": log_every}}
-        if resume and overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: --resume "
-                              "continues the run, --overwrite starts it again; give one of them")
-        if nproc < 1:
-            raise ConfigError(f"--nproc {nproc}: must be at least 1")
-        if gpus < 0:
-            raise ConfigError(f"--gpus {gpus}: must be 0 (none) or more")
-        base = None
-        if resume and output is not None:
-            from crlnseg.run_setup import is_run
-
-            # a run's own settings.json only (plan_run says why a folder is not a run)
-            base = saved_run_settings(output) if is_run(output) else None
-        settings = resolve_settings(preset, config, options, sets, base=base)
+        settings = run_settings(preset, config, options, sets, output if resume else None)
         if print_config:
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
             return
         if labelled is None or output is None:
             raise ConfigError("--labelled and -o/--output are required")
-        from crlnseg.console import log
-        from crlnseg.train import train as run_train
-
         result = run_train(labelled, unlabelled, output, settings, val=val, gpus=gpus,
                            nproc=nproc, resume=resume, overwrite=overwrite)
-        print(json.dumps({"run_dir": str(result.run_dir), "iteration": result.iteration,
-                          "iterations": result.total, "val_dice": result.val_dice,
-                          "best_val_dice": result.best_val_dice,
-                          "val_dice_largest": result.val_dice_largest,
-                          "inference": result.inference}))
+        log(summary(result))
+        if as_json or not sys.stdout.isatty():
+            print(json.dumps(result_json(result)))
         if result.stopped_by is not None:
-            log(f"stopped by signal {result.stopped_by} at iteration {result.iteration}; "
-                f"continue with: crlnseg train ... -o {output} --resume")
-            raise typer.Exit(128 + int(result.stopped_by))
+            raise typer.Exit(exit_code(result.stopped_by))

@@ -19,17 +19,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crlnseg.errors import DataError
+from crlnseg.signals import ignore_interrupt
+from crlnseg.types import IntTriple
 
 __all__ = ["crop_origin", "crop", "foreground_index", "IterationBatches", "make_loader",
            "check_training_data"]
 
-Triple = tuple[int, int, int]
 STREAM_LABELLED, STREAM_UNLABELLED = 0, 1
 MAX_FOREGROUND = 65536  # foreground voxels kept per class and case for oversampling
 
 
 def crop_origin(shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator,
-                centre: Sequence[int] | None = None) -> Triple:
+                centre: Sequence[int] | None = None) -> IntTriple:
     """A random crop origin; negative where the volume is smaller than the patch (padding).
 
     With ``centre`` the crop is centred on that voxel, shifted to stay inside the volume.
@@ -148,14 +149,7 @@ def make_loader(dataset: IterationBatches, start: int, stop: int, num_workers: i
     """Iterations ``start .. stop - 1`` in order, prepared ahead by ``num_workers`` processes."""
     return DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
                       pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
-                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None)
-
-
-def _ignore_interrupts(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: workers keep serving while the loop saves and exits.
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                      worker_init_fn=ignore_interrupt if num_workers > 0 else None)
 
 
 def check_training_data(labelled: Any, unlabelled: Any | None, patch: Sequence[int],

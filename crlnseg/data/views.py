@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crlnseg.settings import AugmentSettings
+from crlnseg.types import IGNORE
 
 __all__ = ["WeakParams", "StrongParams", "draw_weak_params", "apply_weak", "draw_strong_params",
            "apply_strong", "IGNORE"]
-
-IGNORE = -1
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from crlnseg.inference.sliding_window import DEFAULT_SIGMA  # nnU-Net's 1/8
+from crlnseg.inference.sliding_window import DEFAULT_SIGMA, resolve_sigma  # nnU-Net's 1/8
 
 if TYPE_CHECKING:
     from crlnseg.settings import PredictSettings
@@ -118,6 +118,6 @@ def apply_choice(settings: PredictSettings, choice: dict[str, Any] | None
                                         or settings.keep_largest is None):
         note = (f"not using the run's validated choice: it was scored with {choice.get('blend')} "
                 f"blending, this prediction blends {settings.mode}")
-    sigma = DEFAULT_SIGMA if sigma is None else sigma
+    sigma = resolve_sigma(sigma)
     largest = bool(largest)
     return settings.model_copy(update={"sigma_scale": sigma, "keep_largest": largest}), note

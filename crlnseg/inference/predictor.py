@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from crlnseg.console import track
-from crlnseg.errors import DataError
+from crlnseg.inference.cases import check_channel_count
 from crlnseg.inference.postprocess import argmax_max, keep_largest_component
 from crlnseg.inference.sliding_window import sliding_window
 from crlnseg.inference.tta import flip_sets, with_flips
@@ -74,10 +74,6 @@ def inference_autocast(device: torch.device, amp: bool) -> contextlib.AbstractCo
     return contextlib.nullcontext()
 
 
-def _channels(volume: Volume) -> int:
-    return 1 if volume.array.ndim == 3 else int(volume.array.shape[0])
-
-
 class Predictor:
     """EMA teacher + settings; call :meth:`predict_volume` or :meth:`rectify_volume` per case."""
 
@@ -115,7 +111,7 @@ class Predictor:
     def from_run(cls, model: Path, which: str = "last",
                  settings: PredictSettings | None = None) -> Predictor:
         """Load the EMA teacher of a run folder or checkpoint file (CheckpointError if bad)."""
-        from crlnseg.checkpoint import load_inference_model
+        from crlnseg.inference.model import load_inference_model
 
         settings = settings or PredictSettings()
         device = resolve_device(settings.device)
@@ -193,9 +189,8 @@ class Predictor:
 
     # -- whole cases -------------------------------------------------------------------------
     def _check(self, volume: Volume) -> None:
-        if _channels(volume) != self.channels:
-            raise DataError(f"{volume.path or 'input'}: {_channels(volume)} channel(s), but the "
-                            f"model was trained on {self.channels}")
+        found = 1 if volume.array.ndim == 3 else int(volume.array.shape[0])
+        check_channel_count(found, self.channels, volume.path or "input")
 
     def _run(self, volume: Volume, heads: Heads) -> list[np.ndarray]:
         """Preprocess, sliding window, restore: one probability map per head, input grid."""

@@ -24,16 +24,23 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Blend", "DEFAULT_SIGMA", "gaussian_importance_map", "overlap_starts", "stride_starts",
-           "patch_origins", "pad_to_patch", "sliding_window", "blend_patches"]
+from crlnseg.types import IntTriple
+
+__all__ = ["Blend", "DEFAULT_SIGMA", "resolve_sigma", "gaussian_importance_map", "overlap_starts",
+           "stride_starts", "patch_origins", "pad_to_patch", "sliding_window", "blend_patches"]
 
 Blend = Literal["gaussian", "uniform"]
-Triple = tuple[int, int, int]
 PatchFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 # nnU-Net's and MONAI's sigma, as a share of the patch side: the built-in default everywhere.
 DEFAULT_SIGMA = 1.0 / 8.0
+
+
+def resolve_sigma(sigma_scale: float | None) -> float:
+    """The Gaussian sigma (share of the patch side) to blend with: the given one, else the
+    built-in default."""
+    return DEFAULT_SIGMA if sigma_scale is None else float(sigma_scale)
 
 
 def gaussian_importance_map(patch: Sequence[int], sigma_scale: float = DEFAULT_SIGMA
@@ -71,7 +78,7 @@ def stride_starts(size: int, patch: int, stride: int) -> list[int]:
 
 
 def patch_origins(shape: Sequence[int], patch: Sequence[int], overlap: float = 0.5,
-                  stride: Sequence[int] | None = None) -> list[Triple]:
+                  stride: Sequence[int] | None = None) -> list[IntTriple]:
     """All patch origins (X, Y, Z) covering ``shape`` (already padded to at least ``patch``)."""
     if stride is not None:
         per_axis = [stride_starts(n, p, s) for n, p, s in zip(shape, patch, stride, strict=True)]
@@ -95,7 +102,7 @@ def pad_to_patch(image: torch.Tensor, patch: Sequence[int]
     return torch.nn.functional.pad(image, pads, mode="constant", value=0.0), crop
 
 
-def _batches(origins: list[Triple], size: int) -> Iterator[list[Triple]]:
+def _batches(origins: list[IntTriple], size: int) -> Iterator[list[IntTriple]]:
     for i in range(0, len(origins), size):
         yield origins[i:i + size]
 
@@ -103,10 +110,10 @@ def _batches(origins: list[Triple], size: int) -> Iterator[list[Triple]]:
 def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
                    out_channels: int, blend: Blend = "gaussian", overlap: float = 0.5,
                    stride: Sequence[int] | None = None, batch_size: int = 1,
-                   sigma_scale: float | None = DEFAULT_SIGMA,
+                   sigma_scale: float | None = None,
                    device: torch.device | str = "cpu",
                    buffer_device: torch.device | str | None = None,
-                   progress: Callable[[Iterator[list[Triple]], int], Iterator[list[Triple]]]
+                   progress: Callable[[Iterator[list[IntTriple]], int], Iterator[list[IntTriple]]]
                    | None = None) -> torch.Tensor:
     """Blend ``patch_fn`` over ``image`` ``(C, X, Y, Z)``; returns ``(K, X, Y, Z)`` float32.
 
@@ -116,8 +123,7 @@ def sliding_window(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
     """
     patch = tuple(int(p) for p in patch)
     if blend == "gaussian":
-        # None (a PredictSettings left unresolved) blends with the default
-        weight = gaussian_importance_map(patch, sigma_scale or DEFAULT_SIGMA)
+        weight = gaussian_importance_map(patch, resolve_sigma(sigma_scale))
     else:
         weight = torch.ones(patch, dtype=torch.float32)
     return blend_patches(image, patch_fn, patch, out_channels, [weight], overlap, stride,
@@ -129,7 +135,7 @@ def blend_patches(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
                   stride: Sequence[int] | None = None, batch_size: int = 1,
                   device: torch.device | str = "cpu",
                   buffer_device: torch.device | str | None = None,
-                  progress: Callable[[Iterator[list[Triple]], int], Iterator[list[Triple]]]
+                  progress: Callable[[Iterator[list[IntTriple]], int], Iterator[list[IntTriple]]]
                   | None = None) -> list[torch.Tensor]:
     """:func:`sliding_window` with several weightings of the same patch outputs: one blended
     ``(K, X, Y, Z)`` volume per map of ``weight_maps`` (each of shape ``patch``), the network run
@@ -143,7 +149,7 @@ def blend_patches(image: torch.Tensor, patch_fn: PatchFn, patch: Sequence[int],
     accs = [torch.zeros((out_channels, *shape), dtype=torch.float32, device=buffer_device)
             for _ in maps]
     sums = [torch.zeros(tuple(shape), dtype=torch.float32, device=buffer_device) for _ in maps]
-    batches: Iterator[list[Triple]] = _batches(origins, max(1, batch_size))
+    batches: Iterator[list[IntTriple]] = _batches(origins, max(1, batch_size))
     if progress is not None:
         batches = progress(batches, math.ceil(len(origins) / max(1, batch_size)))
     for batch in batches:

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crlnseg.types import IGNORE
+
 __all__ = ["IGNORE", "soft_dice_loss", "segmentation_loss", "pseudo_label_loss"]
 
-IGNORE = -1  # label of voxels that carry no supervision (padding of the strong view)
 _SMOOTH = 1e-5
 
 

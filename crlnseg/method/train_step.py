@@ -21,35 +21,58 @@ ones but less confident, and the student learns less from them (benchmarks/RESUL
 from __future__ import annotations
 
 import contextlib
-import copy
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from crlnseg.data.views import apply_strong, apply_weak, draw_strong_params, draw_weak_params
-from crlnseg.method.crln import CRLNModel, build_model
-from crlnseg.method.losses import IGNORE, pseudo_label_loss, segmentation_loss
+from crlnseg.method.crln import CRLNModel
+from crlnseg.method.losses import pseudo_label_loss, segmentation_loss
 from crlnseg.method.mean_teacher import ema_decay, ema_update
 from crlnseg.method.positive_supervision import positive_supervision_loss
 from crlnseg.method.prototypes import class_summary
 from crlnseg.method.rectification import confident_share, pseudo_labels, rectify
-from crlnseg.settings import RunSettings
+from crlnseg.settings import MethodSettings, RunSettings
+from crlnseg.types import IGNORE
 
-__all__ = ["TrainState", "Batch", "StepRecord", "poly_lr", "warmup_iterations", "init_state",
-           "state_to_dict", "state_from_dict", "autocast", "channels_last", "student_losses",
-           "train_step"]
+__all__ = ["Placement", "StepState", "StudentObjective", "Batch", "StepRecord", "poly_lr",
+           "warmup_iterations", "student_losses", "train_step"]
 
 
-@dataclass
-class TrainState:
+@dataclass(frozen=True)
+class Placement:
+    """Where the step's tensors live and in which precision: chosen by the caller (training
+    decides the policy), applied here. ``amp_dtype`` None: fp32."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is not None and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    def put(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+
+class StepState(Protocol):
+    """What one iteration reads and updates (:class:`crlnseg.train.state.TrainState`)."""
+
     student: CRLNModel
     teacher: CRLNModel
+    objective: nn.Module  # StudentObjective of the student, or its data-parallel wrapper
     optimizer: torch.optim.Optimizer
     mu_optimizer: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler | None
-    iteration: int = 0
+    placement: Placement
+    iteration: int
 
 
 @dataclass
@@ -87,75 +110,8 @@ def warmup_iterations(fraction: float, total: int) -> int:
     return int(round(fraction * total))
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(settings: RunSettings, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA when ``train.amp`` (bf16 where supported, else fp16); fp32 else."""
-    if device.type == "cuda" and settings.train.amp:
-        return torch.autocast("cuda", dtype=_amp_dtype(device))
-    return contextlib.nullcontext()
-
-
-def init_state(settings: RunSettings, device: torch.device) -> TrainState:
-    """Student (seeded with ``train.seed``), its EMA teacher, SGD, mu's optimiser, grad scaler."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.train.seed)
-        student = build_model(settings)
-    student.to(device)
-    student.backbone.checkpoint_activations = settings.train.activation_checkpointing
-    if channels_last(settings, device):
-        student.to(memory_format=torch.channels_last_3d)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    o = settings.optim
-    params = [p for n, p in student.named_parameters() if n != "mu_raw"]
-    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                weight_decay=o.weight_decay)
-    mu_optimizer = (torch.optim.SGD([student.mu_raw], lr=settings.method.mu_lr, momentum=0.9)
-                    if student.has_relation else None)
-    fp16 = device.type == "cuda" and settings.train.amp and _amp_dtype(device) == torch.float16
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
-    return TrainState(student, teacher, optimizer, mu_optimizer, scaler, 0)
-
-
-def state_to_dict(state: TrainState) -> dict[str, Any]:
-    """Everything an exact resume needs (RNG states are the checkpoint's business)."""
-    return {"student": state.student.state_dict(), "teacher": state.teacher.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "mu_optimizer": state.mu_optimizer.state_dict() if state.mu_optimizer else None,
-            "scaler": state.scaler.state_dict() if state.scaler else None,
-            "iteration": state.iteration}
-
-
-def state_from_dict(state: TrainState, d: dict[str, Any]) -> None:
-    state.student.load_state_dict(d["student"])
-    state.teacher.load_state_dict(d["teacher"])
-    state.optimizer.load_state_dict(d["optimizer"])
-    if state.mu_optimizer is not None and d.get("mu_optimizer") is not None:
-        state.mu_optimizer.load_state_dict(d["mu_optimizer"])
-    if state.scaler is not None and d.get("scaler") is not None:
-        state.scaler.load_state_dict(d["scaler"])
-    state.iteration = int(d["iteration"])
-
-
-def channels_last(settings: RunSettings, device: torch.device) -> bool:
-    """``train.channels_last``; unset: on, the faster layout wherever measured: oneDNN's
-    channels-last 3-D convolutions ~1.25x on the CPU, cuDNN's on an H100 1.4x (CRLN) to 1.6x (mean
-    teacher) in fp32 and 1.7x to 2x with mixed precision (benchmarks/RESULTS.md "GPU checks")."""
-    chosen = settings.train.channels_last
-    return True if chosen is None else chosen
-
-
-def _to(x: Tensor, device: torch.device, settings: RunSettings) -> Tensor:
-    x = x.to(device, non_blocking=True)
-    if channels_last(settings, device) and x.dim() == 5:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    return x
-
-
 @torch.no_grad()
-def teacher_pseudo_labels(state: TrainState, x_u: Tensor, rectifying: bool, settings: RunSettings,
+def teacher_pseudo_labels(state: StepState, x_u: Tensor, rectifying: bool, settings: RunSettings,
                           x_mu: Tensor | None = None
                           ) -> tuple[Tensor, Tensor, float, float | None, Tensor | None,
                                      Tensor | None]:
@@ -164,7 +120,7 @@ def teacher_pseudo_labels(state: TrainState, x_u: Tensor, rectifying: bool, sett
     thr = settings.method.confidence_threshold
     n_u = x_u.shape[0]
     x = x_u if x_mu is None else torch.cat([x_u, x_mu])
-    with autocast(settings, x_u.device):
+    with state.placement.autocast():
         out = state.teacher(x, with_relation=rectifying or x_mu is not None, embed="none")
     f_mu = m_mu = None
     if x_mu is not None:
@@ -191,42 +147,64 @@ def mu_view(x_l: Tensor, y_l: Tensor, settings: RunSettings, generator: torch.Ge
     return x, y.long()
 
 
-def student_losses(state: TrainState, x_l: Tensor, y_l: Tensor, x_s: Tensor | None,
+class StudentObjective(nn.Module):
+    """The student's loss terms of one iteration as one forward pass (the module that
+    data-parallel training wraps), and the detached f(x_l), M(x_l) for the mu step.
+
+    It holds the student's backbone, P and DIM (not mu, which has its own optimiser). P and the
+    DIM enter only through ``relation`` = seg(M(x_l), y); positive supervision uses the
+    teacher's prototype summary m_c (no gradient) and the pseudo-label loss no M at all.
+    """
+
+    def __init__(self, student: CRLNModel, method: MethodSettings) -> None:
+        super().__init__()
+        self.backbone = student.backbone
+        self.prototypes = student.prototypes
+        self.interaction = student.interaction
+        self.method = method
+
+    def forward(self, x_l: Tensor, y_l: Tensor, x_s: Tensor | None, y_s: Tensor | None,
+                c_s: Tensor | None, summary: Tensor | None, generator: torch.Generator
+                ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+        m = self.method
+        n_l = x_l.shape[0]
+        use_cps = m.method == "crln" and m.positive_supervision
+        x = x_l if x_s is None else torch.cat([x_l, x_s])
+        net = self.backbone(x, embed="hidden" if use_cps else "none")
+        terms = {"supervised": segmentation_loss(net.logits[:n_l], y_l)}
+        relation = None
+        if self.interaction is not None and self.prototypes is not None:
+            relation = self.interaction(self.prototypes(), net.feat_quarter[:n_l],
+                                        net.feat_half[:n_l])
+            terms["relation"] = segmentation_loss(relation, y_l)
+        if x_s is not None and m.method != "supervised":
+            terms["unsup"] = pseudo_label_loss(net.logits[n_l:], y_s, c_s,
+                                               m.confidence_threshold)
+        if use_cps:
+            labels = y_l if y_s is None else torch.cat(
+                [y_l, torch.where(c_s >= m.weak_threshold, y_s, IGNORE)])
+            terms["cps"] = positive_supervision_loss(
+                net.embed_hidden, self.backbone.head.project_points, labels,
+                torch.softmax(net.logits.detach().float(), dim=1), summary, m.xi, generator,
+                anchors=m.anchors, negatives=m.negatives, temperature=m.temperature,
+                uncertain_below=m.confidence_threshold)
+        detached = None if relation is None else relation.detach()
+        return terms, net.logits[:n_l].detach(), detached
+
+
+def student_losses(state: StepState, x_l: Tensor, y_l: Tensor, x_s: Tensor | None,
                    y_s: Tensor | None, c_s: Tensor | None, settings: RunSettings,
                    generator: torch.Generator, after_warmup: bool
                    ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
-    """Weighted-free loss terms of the student, and the detached f(x_l), M(x_l) for the mu step.
-
-    P and the DIM enter only through ``relation`` = seg(M(x_l), y); positive supervision uses the
-    teacher's prototypes (no gradient) and the pseudo-label loss no M at all.
-    """
-    m, student = settings.method, state.student
-    n_l = x_l.shape[0]
-    use_cps = m.method == "crln" and m.positive_supervision
-    x = x_l if x_s is None else torch.cat([x_l, x_s])
-    net = student.backbone(x, embed="hidden" if use_cps else "none")
-    terms = {"supervised": segmentation_loss(net.logits[:n_l], y_l)}
-    relation = student.relation(net, n_l) if student.has_relation else None
-    if relation is not None:
-        terms["relation"] = segmentation_loss(relation, y_l)
-    if x_s is not None and m.method != "supervised":
-        terms["unsup"] = pseudo_label_loss(net.logits[n_l:], y_s, c_s, m.confidence_threshold)
-    if use_cps:
-        labels = y_l if y_s is None else torch.cat(
-            [y_l, torch.where(c_s >= m.weak_threshold, y_s, IGNORE)])
-        summary = None
-        if after_warmup and state.teacher.prototypes is not None:
-            summary = class_summary(state.teacher.prototypes().detach())
-        terms["cps"] = positive_supervision_loss(
-            net.embed_hidden, student.backbone.head.project_points, labels,
-            torch.softmax(net.logits.detach().float(), dim=1), summary, m.xi, generator,
-            anchors=m.anchors, negatives=m.negatives, temperature=m.temperature,
-            uncertain_below=m.confidence_threshold)
-    detached = None if relation is None else relation.detach()
-    return terms, net.logits[:n_l].detach(), detached
+    """:class:`StudentObjective` of the state; m_c is the teacher's after the warm-up (before
+    it, positive supervision uses plain class means)."""
+    summary = None
+    if after_warmup and state.teacher.prototypes is not None:
+        summary = class_summary(state.teacher.prototypes().detach())
+    return state.objective(x_l, y_l, x_s, y_s, c_s, summary, generator)
 
 
-def _mu_step(state: TrainState, f_l: Tensor, m_l: Tensor, y_l: Tensor) -> float:
+def _mu_step(state: StepState, f_l: Tensor, m_l: Tensor, y_l: Tensor) -> float:
     """0.5 (CE + Dice)(f(x_l) + (1 - mu) M(x_l), y) on detached inputs; mu clamped to [0, 1]."""
     assert state.mu_optimizer is not None
     loss = 0.5 * segmentation_loss(rectify(f_l.float(), m_l.float(), state.student.mu), y_l)
@@ -252,7 +230,7 @@ def _views(batch: Batch, settings: RunSettings, generator: torch.Generator, devi
     return x_l, y_l, x_u
 
 
-def _optimise(state: TrainState, loss: Tensor) -> None:
+def _optimise(state: StepState, loss: Tensor) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     if state.scaler is not None:
         state.scaler.scale(loss).backward()
@@ -263,10 +241,10 @@ def _optimise(state: TrainState, loss: Tensor) -> None:
         state.optimizer.step()
 
 
-def train_step(state: TrainState, batch: Batch, settings: RunSettings,
+def train_step(state: StepState, batch: Batch, settings: RunSettings,
                generator: torch.Generator, total_iterations: int) -> StepRecord:
     """One full iteration (module docstring); increments ``state.iteration``."""
-    m, device = settings.method, next(state.student.parameters()).device
+    m, place = settings.method, state.placement
     lr = poly_lr(settings.optim.lr, state.iteration, total_iterations, settings.optim.poly_power)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -274,25 +252,25 @@ def train_step(state: TrainState, batch: Batch, settings: RunSettings,
     rectifying = m.method == "crln" and m.rectify and after_warmup
     state.student.train()
     state.teacher.eval()
-    x_l, y_l, x_u = _views(batch, settings, generator, device)
+    x_l, y_l, x_u = _views(batch, settings, generator, place.device)
     x_s = y_s = c_s = None
     raw = rectified = None
     x_mu = y_mu = f_mu = m_mu = None
     fit_mu = state.mu_optimizer is not None  # exists only for models with a DIM
     if fit_mu and m.mu_view == "strong" and x_u is not None:
         x_mu, y_mu = mu_view(x_l, y_l, settings, generator)
-        x_mu = _to(x_mu, device, settings)
+        x_mu = place.put(x_mu)
     if x_u is not None:
         label, conf, raw, rectified, f_mu, m_mu = teacher_pseudo_labels(
-            state, _to(x_u, device, settings), rectifying, settings, x_mu)
+            state, place.put(x_u), rectifying, settings, x_mu)
         x_s, y_s, c_s = apply_strong(x_u, label, conf, draw_strong_params(
             x_u.shape[0], generator, settings.augment, x_u.shape[2] == x_u.shape[3]))
-        x_s = _to(x_s, device, settings)
+        x_s = place.put(x_s)
     weights = {"supervised": m.w_supervised, "relation": m.w_relation, "unsup": m.w_unsup,
                "cps": m.w_cps}
-    with autocast(settings, device):
-        terms, f_l, m_l = student_losses(state, _to(x_l, device, settings), y_l, x_s, y_s, c_s,
-                                         settings, generator, after_warmup)
+    with place.autocast():
+        terms, f_l, m_l = student_losses(state, place.put(x_l), y_l, x_s, y_s, c_s, settings,
+                                         generator, after_warmup)
     loss = sum(weights[k] * v for k, v in terms.items())
     _optimise(state, loss)
     ema_update(state.teacher, state.student, ema_decay(state.iteration, m.ema_decay))

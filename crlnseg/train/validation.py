@@ -18,7 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Validation", "blending", "case_dice", "validate"]
+from crlnseg.inference.sliding_window import resolve_sigma
+from crlnseg.metrics import mean_foreground_dice
+from crlnseg.settings import PredictSettings
+
+__all__ = ["Validation", "blending", "validate"]
 
 
 class Validation(NamedTuple):
@@ -36,19 +40,10 @@ def blending(stride: tuple[int, int, int] | None) -> dict[str, Any]:
     """Sliding-window blending as ``crlnseg predict`` does it with its built-in default (the
     patches the candidates of :mod:`crlnseg.inference.choice` are blended from): Gaussian at
     overlap 0.5, or, with an explicit stride, uniform averaging (the literature's protocol)."""
-    from crlnseg.inference.choice import DEFAULT_SIGMA
-    from crlnseg.settings import PredictSettings
-
     if stride is not None:
         return {"blend": "uniform", "stride": tuple(stride)}
-    return {"blend": "gaussian", "overlap": PredictSettings().overlap, "sigma_scale": DEFAULT_SIGMA}
-
-
-def case_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
-    """Mean Dice over the foreground classes 1 .. C-1."""
-    from crlnseg.metrics import dice
-
-    return float(np.mean([dice(pred == c, label == c) for c in range(1, num_classes)]))
+    return {"blend": "gaussian", "overlap": PredictSettings().overlap,
+            "sigma_scale": resolve_sigma(None)}
 
 
 @torch.no_grad()
@@ -88,8 +83,9 @@ def validate(model: Any, manifest: Any, settings: Any, device: torch.device, ran
         label = np.asarray(manifest.label(case.id, mmap=True))
         masks = {s: out.argmax(0).numpy().astype(np.uint8)
                  for s, out in zip(sigmas, blended, strict=True)}
-        mine[case.id] = [case_dice(keep_largest_component(masks[s], foreground) if largest
-                                   else masks[s], label, classes) for s, largest in options]
+        mine[case.id] = [mean_foreground_dice(
+            keep_largest_component(masks[s], foreground) if largest else masks[s], label, classes)
+            for s, largest in options]
     model.train(was_training)
     both = dict(mine)
     if world_size > 1:

@@ -1,13 +1,9 @@
-"""The run folder's bookkeeping: settings.json, environment.json, metrics.jsonl and progress.
+"""The run's bookkeeping: settings.json, environment.json, metrics.jsonl and progress.
 
-Layout written by ``crlnseg train`` (rank 0 only)::
-
-    RUN/settings.json            resolved RunSettings
-    RUN/environment.json         package versions, device, torch / CUDA, git commit when known
-    RUN/metrics.jsonl            one JSON line per logging step (window means) and per validation
-    RUN/training.png             curves of metrics.jsonl
-    RUN/checkpoints/last.pt      iter_<N>.pt (periodic), best.pt (only with --val)
-    RUN/prepared/{labelled,unlabelled,val}   caches of raw inputs prepared on the fly
+``metrics.jsonl`` holds one JSON line per logging step (window means) and per validation. A
+resumed run first drops the lines written after the checkpoint it continues from (a run killed
+outright logged them, and logs them again), so each iteration appears once; a half-written last
+line (power loss) is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -22,15 +18,15 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from crlnseg.console import console, is_interactive
+from crlnseg.console import console, is_interactive, log
+from crlnseg.errors import DataError
+from crlnseg.io.writers import write_atomic
 
 __all__ = ["write_json", "environment_info", "MetricsLog", "Progress", "read_metrics"]
 
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (:func:`crlnseg.io.writers.write_atomic`), replacing ``path``."""
-    from crlnseg.io.writers import write_atomic
-
     text = json.dumps(data, indent=2) + "\n"
     write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
 
@@ -74,8 +70,13 @@ def _finite(value: Any) -> Any:
 class MetricsLog:
     """Window means of every StepRecord field, one ``metrics.jsonl`` line per logging step."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, start: int = 0) -> None:
         self.path = path
+        if path is not None and path.exists():
+            keep = [line for line in read_metrics(path) if line.get("iteration", 0) <= start]
+            text = "".join(json.dumps(line) + "\n" for line in keep)
+            write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"),
+                         overwrite=True)
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.window_start = time.perf_counter()
@@ -110,9 +111,29 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of ``metrics.jsonl``; a damaged last line is dropped with a warning (a write
+    cut short), a damaged line before it is an error naming the file and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    rows: list[dict[str, Any]] = []
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    for k, (n, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+                raise ValueError("not a metrics line")
+        except ValueError:
+            if k == len(numbered) - 1:
+                log(f"warning: {path}: line {n} is incomplete (a write cut short); ignored")
+                break
+            raise DataError(f"{path}: line {n} is not a metrics line; the file is damaged"
+                            ) from None
+        rows.append(row)
+    return rows
 
 
 def _losses(line: dict[str, Any]) -> str:
