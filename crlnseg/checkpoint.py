@@ -14,9 +14,14 @@ The training loop draws its randomness from generators seeded by ``(seed, rank, 
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import re
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,13 +95,13 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except MemoryError:  # a runtime failure, not a bad file
         raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is "not a checkpoint"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable crlnseg checkpoint "
-                              f"({first[:120]})") from None
+        raise CheckpointError(f"{path}: {_load_problem(err, path)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a crlnseg checkpoint")
     if data.get("format_version") != FORMAT_VERSION:
@@ -106,6 +111,52 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     if missing:
         raise CheckpointError(f"{path}: damaged crlnseg checkpoint (no {', '.join(missing)})")
     return data
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _load_problem(err: Exception, path: Path) -> str:
+    """What ``torch.load(weights_only=True)`` refused, as one short clause (no torch advice)."""
+    texts = [str(e) for e in (err, err.__cause__, err.__context__) if e is not None]
+    needs = next((m.group(1) for t in texts if (m := _GLOBAL.search(t))), None)
+    if needs is not None:  # a pickle of Python objects: never unpickled, whatever the source
+        return (f"not a weights-only crlnseg checkpoint (it needs the Python object {needs} to "
+                "load, which is refused for safety)")
+    if isinstance(err, OSError) and err.errno != errno.EINVAL:  # EINVAL: a seek in a short zip
+        return f"cannot read the checkpoint ({err.strerror or _clean(str(err))})"
+    text = _clean(str(err))
+    try:
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        size, is_zip = path.stat().st_size, zipfile.is_zipfile(path)
+    except OSError:
+        size, is_zip, zip_start = -1, False, False
+    if size == 0:
+        why = "empty file"
+    elif ("central directory" in text or isinstance(err, EOFError)
+          or (zip_start and not is_zip)):  # a zip without its end: cut short
+        why = "truncated or corrupt file"
+    elif "not in a subdirectory" in text:
+        why = "a zip archive, but not a PyTorch file"
+    elif not is_zip or isinstance(err, pickle.UnpicklingError):
+        why = "not a PyTorch file, or a damaged one"  # torch read it as a legacy pickle
+    else:
+        why = text or type(err).__name__
+    return f"not a readable crlnseg checkpoint ({why})"
+
+
+def _clean(text: str, limit: int = 120) -> str:
+    """The first sentence of a library message: no ANSI codes, no ``[enforce fail at ...]``
+    prefix, one line, cut at a word boundary (with ``...``) when longer than ``limit``."""
+    text = _ANSI.sub("", text)
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
+    text = " ".join(text.split())
+    text = re.split(r"(?<=[a-z0-9)])\.\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+    if len(text) > limit:
+        text = text[:limit + 1].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+    return text
 
 
 def resolve_checkpoint(model: Path, which: str = "last") -> Path:

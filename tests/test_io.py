@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.errors import DataError, OutputExistsError, RunFailure
 from crlnseg.io import read_case_images, read_h5_case, read_image, read_label, write_image, writers
 from crlnseg.io.writers import check_outputs, write_atomic
 
@@ -162,7 +162,7 @@ def test_header_and_data_output_cleans_up_and_refuses_a_foreign_data_file(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writers.os, "replace", fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(RunFailure, match="n.nhdr: no space left on device"):
         write_image(np.zeros(SHAPE, np.uint8), ref, out / "n.nhdr")
     assert [p.name for p in out.iterdir()] == ["m.zraw"]  # no temporary folder left
 
@@ -184,15 +184,25 @@ def test_unwritable_output_is_a_one_line_output_error(tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_runtime_write_failures_stay_os_errors(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_write_failures_are_run_failures_or_stay_os_errors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writers.os, "replace", full)
-    with pytest.raises(OSError, match="No space") as info:
+    with pytest.raises(RunFailure) as info:  # a full disk: exit 1, the output named
         write_atomic(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
-    assert not isinstance(info.value, OutputExistsError)
+    assert str(info.value) == (f"cannot write {tmp_path / 'a.txt'}: no space left on device "
+                               "(the partial file was removed)")
+    assert list(tmp_path.iterdir()) == []
+
+    def broken(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writers.os, "replace", broken)
+    with pytest.raises(OSError, match="Input/output") as err:
+        write_atomic(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
+    assert not isinstance(err.value, OutputExistsError)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -274,7 +284,7 @@ def test_read_errors_are_one_line(tmp_path: Path) -> None:
     data = np.zeros(SHAPE, np.float32)
     data[1, 2, 3] = np.nan
     nib.save(nib.Nifti1Image(data, np.eye(4)), nan)
-    for path, message in [(truncated, "unreadable or corrupt"), (flat, "expected 3D"),
+    for path, message in [(truncated, "holds fewer"), (flat, "expected 3D"),
                           (nan, "NaN/Inf"), (tmp_path / "missing.nii.gz", "no such file")]:
         with pytest.raises(DataError, match=message) as err:
             read_image(path)

@@ -12,12 +12,13 @@ Layouts, detected in this order:
 
 Case IDs come from file names without extension and channel suffix; results are sorted by ID.
 A symbolic link whose target is missing is an error, never skipped: splits are often folders of
-links, and a silently smaller split would go unnoticed.
+links, and a silently smaller split would go unnoticed. So is a symbolic link cycle (``a -> b``,
+``b -> a``), and a folder link that leads back to a folder containing it where discovery would
+descend into it.
 """
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from crlnseg.io.paths import (
     channel_index,
     is_h5_file,
     is_image_file,
+    missing_reason,
+    points_above,
     split_suffix,
     strip_channel,
 )
@@ -61,8 +64,10 @@ def discover_cases(folder: Path, require_labels: bool = False,
     elif not folder.is_dir():
         raise DataError(f"{folder}: {missing_reason(folder)}")
     elif (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir():
+        _refuse_loops(folder, "imagesTr", "labelsTr", "imagesTs")
         cases = _nnunet(folder)
     elif (folder / "images").is_dir():
+        _refuse_loops(folder, "images", "labels")
         cases = _paired(folder / "images", folder / "labels", channels)
     else:
         cases = _flat(folder, channels) or _h5_folders(folder)
@@ -109,11 +114,17 @@ def _h5_case(path: Path) -> CaseFiles:
     return CaseFiles(id=case_id, images=[path], label=path if h5_has_label(path) else None)
 
 
-def missing_reason(path: Path) -> str:
-    """Why ``path`` cannot be opened: a dangling link (named) or nothing there."""
-    if path.is_symlink():
-        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
-    return "no such file or folder"
+def _refuse_loops(folder: Path, *names: str) -> None:
+    """A layout folder (or case folder) that is a dangling link, a link cycle or a link back to a
+    folder containing it is an error (never skipped: its cases would silently go missing)."""
+    for name in names:
+        sub = folder / name
+        if sub.is_symlink() and not sub.exists():
+            raise DataError(f"{sub}: {missing_reason(sub)}")
+        above = points_above(sub)
+        if above is not None:
+            raise DataError(f"{sub}: symbolic link cycle at {sub} (it leads back to {above}, "
+                            "a folder that contains it)")
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -199,6 +210,7 @@ def _flat(folder: Path, channels: bool = True) -> list[CaseFiles]:
 def _h5_folders(folder: Path) -> list[CaseFiles]:
     cases = []
     for sub in (p for p in _entries(folder) if p.is_dir()):
+        _refuse_loops(folder, sub.name)
         found = [p for p in _entries(sub) if p.is_file() and is_h5_file(p)]
         if len(found) > 1:
             raise DataError(f"{sub}: {len(found)} HDF5 files in one case folder, expected one")

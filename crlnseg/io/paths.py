@@ -5,6 +5,8 @@ Kept free of heavy imports so that case discovery (and ``crlnseg --help``) stays
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
@@ -18,6 +20,9 @@ __all__ = [
     "is_nifti",
     "channel_index",
     "strip_channel",
+    "symlink_cycle",
+    "points_above",
+    "missing_reason",
 ]
 
 # Longest first so ".nii.gz" wins over ".gz"-less ".nii".
@@ -63,3 +68,72 @@ def strip_channel(stem: str) -> str:
     """``"la_003_0000"`` -> ``"la_003"``; names without a channel suffix are returned unchanged."""
     match = _CHANNEL.match(stem)
     return match["case"] if match else stem
+
+
+def symlink_cycle(path: Path | str) -> Path | None:
+    """The symbolic link at which resolving ``path`` goes round in a cycle (``a -> b``,
+    ``b -> a``; ``x -> x``; ``d -> d/sub``), or None when it does not (ELOOP only)."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            return None
+    seen: dict[str, str | None] = {}  # link -> where it leads; None while being resolved
+
+    def walk(base: str, rest: str) -> tuple[str, str | None]:
+        for name in rest.split(os.sep):
+            if name in ("", "."):
+                continue
+            if name == "..":
+                base = os.path.dirname(base)
+                continue
+            link = os.path.join(base, name)
+            if not os.path.islink(link):
+                base = link
+                continue
+            if link in seen:
+                if seen[link] is None:
+                    return link, link
+                base = seen[link]  # type: ignore[assignment]
+                continue
+            seen[link] = None
+            target = os.readlink(link)
+            base, cycle = walk(os.sep if os.path.isabs(target) else base, target)
+            if cycle is not None:
+                return base, cycle
+            seen[link] = base
+        return base, None
+
+    start = os.path.join(os.getcwd(), os.fspath(path))  # no normpath: ".." follows links
+    try:
+        cycle = walk(os.sep, start)[1]
+    except OSError:
+        return None
+    if cycle is None:
+        return None
+    given = Path(path)
+    return given if os.path.join(os.getcwd(), os.fspath(given)) == cycle else Path(cycle)
+
+
+def points_above(path: Path) -> Path | None:
+    """For a symbolic link to a folder that contains it (``loop -> .``, ``up -> ..``): that
+    folder, a cycle for whatever descends into ``path``; else None."""
+    if not path.is_symlink() or not path.is_dir():
+        return None
+    target = os.path.realpath(path)
+    here = os.path.realpath(path.parent)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        return Path(target)
+    return None
+
+
+def missing_reason(path: Path, nothing: str = "no such file or folder") -> str:
+    """Why ``path`` cannot be opened: a symbolic link cycle or a dangling link (named), else
+    ``nothing``."""
+    cycle = symlink_cycle(path)
+    if cycle is not None:
+        return f"symbolic link cycle at {cycle}"
+    if path.is_symlink():
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return nothing

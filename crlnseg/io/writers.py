@@ -10,8 +10,10 @@ temporary folder, so that the header names the final data file; the data file(s)
 place first and the header last, so a visible header always has its data.
 
 An output that cannot be written (permissions, read-only file system, a folder in the way) is an
-:class:`OutputExistsError` naming the output, never the temporary; other ``OSError`` (a full disk)
-stay runtime failures.
+:class:`OutputExistsError` naming the output, never the temporary. A full disk or quota (ENOSPC,
+EDQUOT, or the errno-less short-write errors nibabel, numpy, SimpleITK and torch report instead) is
+a one-line :class:`RunFailure` naming the output, raised once the partial file is removed; other
+``OSError`` stay as they are (runtime failures).
 """
 
 from __future__ import annotations
@@ -19,20 +21,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from crlnseg.errors import DataError, OutputExistsError
+from crlnseg.errors import DataError, OutputExistsError, RunFailure
 from crlnseg.io.paths import H5_SUFFIXES, is_nifti, split_suffix
 from crlnseg.io.volume import Volume
 
 __all__ = ["write_image", "atomic_path", "write_atomic", "output_errors", "make_folder",
            "check_output", "check_outputs", "check_not_inputs", "file_key", "data_file",
-           "SPLIT_SUFFIXES"]
+           "native_stderr_held", "SPLIT_SUFFIXES"]
 
 # Header + separate data file: what SimpleITK (with compression) writes beside the header.
 DATA_SUFFIXES = {".mhd": ".zraw", ".nhdr": ".raw.gz"}
@@ -41,6 +46,13 @@ SPLIT_SUFFIXES = tuple(DATA_SUFFIXES)
 # ENOSPC, EIO... (runtime failures, exit 1).
 _UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
                          errno.ENOENT})  # ENOENT: e.g. a folder that cannot exist (/proc/x)
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+# What libraries report when a write came up short and they dropped the errno: numpy's tofile
+# (also under nibabel), torch.save's zip writer, SimpleITK's NRRD and NIfTI writers.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written|PytorchStreamWriter failed writing|"
+                          r"inline_container\.cc|expected to write \d+ bytes, but only wrote|"
+                          r"wrote only \d+ of \d+ bytes", re.IGNORECASE)
+_NEARLY_FULL = 1 << 20  # free bytes below which a short write is taken for a full disk
 
 
 def write_image(array: np.ndarray, reference: Volume, path: Path, overwrite: bool = False) -> None:
@@ -164,7 +176,8 @@ def write_atomic(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
     """Call ``write(tmp)`` then rename ``tmp`` to ``path``; the temporary is removed on failure.
 
     For header + data formats (:data:`SPLIT_SUFFIXES`) ``write`` receives the final name inside
-    a hidden temporary folder instead (see the module docstring).
+    a hidden temporary folder instead (see the module docstring). A full disk is a one-line
+    :class:`RunFailure` naming ``path``, raised after the partial file is gone.
     """
     path = Path(path)
     check_output(path, overwrite)
@@ -180,6 +193,13 @@ def write_atomic(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
         write(tmp)
         with output_errors(path):
             os.replace(tmp, path)
+    except Exception as err:
+        reason = _disk_full(err, path.parent)  # asked before the partial file frees its space
+        if reason is None:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise RunFailure(f"cannot write {path}: {reason} "
+                         f"({_removed([tmp], 'the partial file')})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -188,6 +208,7 @@ def _write_split(path: Path, write: Callable[[Path], None], overwrite: bool) -> 
     stage = path.with_name(f".{split_suffix(path)[0]}.tmp-{secrets.token_hex(4)}")
     with output_errors(path):
         stage.mkdir()
+    moved: list[Path] = []
     try:
         write(stage / path.name)
         data = sorted(p for p in stage.iterdir() if p.name != path.name)
@@ -198,9 +219,100 @@ def _write_split(path: Path, write: Callable[[Path], None], overwrite: bool) -> 
         with output_errors(path):
             for p in data:  # data first: a visible header always has its data
                 os.replace(p, path.with_name(p.name))
+                moved.append(path.with_name(p.name))
             os.replace(stage / path.name, path)
+            moved.clear()
+    except Exception as err:
+        reason = _disk_full(err, path.parent)
+        for p in moved:  # data files whose header never arrived
+            with contextlib.suppress(OSError):
+                p.unlink()
+        if reason is None:
+            raise
+        shutil.rmtree(stage, ignore_errors=True)
+        raise RunFailure(f"cannot write {path}: {reason} "
+                         f"({_removed([stage, *moved], 'the partial files')})") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _disk_full(err: BaseException, folder: Path) -> str | None:
+    """Why a failed write ran out of room ("no space left on device", "disk quota exceeded"), or
+    None when ``err`` (or an exception it wraps) is no such failure.
+
+    An errno says so directly. A library's errno-less short-write message counts as a full disk
+    when ``folder``'s file system is (nearly) full; otherwise it is reported as a short write.
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = err
+    while link is not None and all(link is not e for e in chain):
+        chain.append(link)
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return _FULL[e.errno]
+    for e in chain:
+        text = str(e).lower()  # e.g. SimpleITK's "Reason: No space left on device"
+        for reason in _FULL.values():
+            if reason in text:
+                return reason
+    if not any(_SHORT_WRITE.search(str(e)) for e in chain):
+        return None
+    try:
+        st = os.statvfs(folder)
+        full = st.f_bavail * st.f_frsize < _NEARLY_FULL
+    except (OSError, AttributeError):  # no statvfs (Windows): say what is known
+        full = False
+    return _FULL[errno.ENOSPC] if full else "only part of the data could be written (disk full?)"
+
+
+def _removed(paths: list[Path], what: str) -> str:
+    """``"the partial file was removed"``, or where what could not be removed remains."""
+    left = [p for p in paths if os.path.lexists(p)]
+    if left:
+        return f"{what} {left[0]} could not be removed"
+    return f"{what} {'were' if what.endswith('s') else 'was'} removed"
+
+
+@contextlib.contextmanager
+def native_stderr_held(replay: bool = True) -> Iterator[list[str]]:
+    """Hold what native code prints on file descriptor 2 while the block runs.
+
+    C++ libraries (MetaIO, niftilib, Teem) print raw lines on stderr beside the exception they
+    raise, or instead of one (SimpleITK's NIfTI writer reports a short write only there). The
+    yielded list receives that text when the block ends. After a failure it is dropped (the
+    error says what went wrong); after a success it is passed on to stderr when ``replay``.
+    File descriptor 2 is process-wide: meant for the main thread's reads and writes.
+    """
+    held: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to hold
+        yield held
+        return
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:  # e.g. the temporary folder is on the full disk
+        os.close(saved)
+        yield held
+        return
+    ok = False
+    try:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield held
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            text = sink.read()
+            held.append(text.decode("utf-8", "replace"))
+            if ok and replay and text:
+                os.write(2, text)
+    finally:
+        os.close(saved)
+        sink.close()
 
 
 def _storable(array: np.ndarray) -> np.ndarray:
@@ -248,4 +360,11 @@ def _write_sitk(array: np.ndarray, reference: Volume, tmp: Path) -> None:
     image.SetSpacing(g.spacing)
     image.SetOrigin(g.origin)
     image.SetDirection(g.direction)
-    sitk.WriteImage(image, str(tmp), useCompression=True)
+    with native_stderr_held(replay=False) as printed:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    text = "".join(printed)
+    short = re.search(r"wrote only \d+ of \d+ bytes", text)
+    if short:  # SimpleITK's NIfTI writer prints a short write and returns as if all went well
+        raise OSError(f"SimpleITK {short.group(0)} to {tmp.name}")
+    if text:
+        sys.stderr.write(text)
