@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from crlnseg.settings import RunSettings
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_checkpoint", "copy_checkpoint", "load_checkpoint",
-           "resolve_checkpoint", "rng_state", "set_rng_state"]
+           "resolve_checkpoint", "rng_state", "set_rng_state", "clean_message"]
 
 FORMAT = "crlnseg-checkpoint"
 FORMAT_VERSION = 1
@@ -125,8 +125,8 @@ def _load_problem(err: Exception, path: Path) -> str:
         return (f"not a weights-only crlnseg checkpoint (it needs the Python object {needs} to "
                 "load, which is refused for safety)")
     if isinstance(err, OSError) and err.errno != errno.EINVAL:  # EINVAL: a seek in a short zip
-        return f"cannot read the checkpoint ({err.strerror or _clean(str(err))})"
-    text = _clean(str(err))
+        return f"cannot read the checkpoint ({err.strerror or clean_message(str(err))})"
+    text = clean_message(str(err))
     try:
         with open(path, "rb") as f:
             zip_start = f.read(4) == b"PK\x03\x04"
@@ -147,7 +147,7 @@ def _load_problem(err: Exception, path: Path) -> str:
     return f"not a readable crlnseg checkpoint ({why})"
 
 
-def _clean(text: str, limit: int = 120) -> str:
+def clean_message(text: str, limit: int = 120) -> str:
     """The first sentence of a library message: no ANSI codes, no ``[enforce fail at ...]``
     prefix, one line, cut at a word boundary (with ``...``) when longer than ``limit``."""
     text = _ANSI.sub("", text)

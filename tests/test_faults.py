@@ -321,7 +321,7 @@ def test_damaged_checkpoints_are_one_clean_line(tmp_path: Path, capfd) -> None:
 
 
 def test_long_library_messages_are_cut_at_a_word() -> None:
-    from crlnseg.checkpoint import _clean
+    from crlnseg.checkpoint import clean_message as _clean
 
     assert _clean("\x1b[1mbold\x1b[0m text. More advice follows here.") == "bold text"
     assert _clean("[enforce fail at inline_container.cc:180] . file in archive: a") == \

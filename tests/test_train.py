@@ -762,3 +762,22 @@ def test_setting_a_run_aside_is_all_or_nothing(tmp_path, monkeypatch):
     assert calls[0] == "checkpoints"  # checkpoints move first
     assert not (out / PREVIOUS).exists()
     assert {p.name: _digest(p) for p in out.iterdir()} == before
+
+
+def test_a_ranks_crlnseg_error_keeps_its_kind_in_the_launcher():
+    import torch.multiprocessing as mp
+
+    from crlnseg.errors import DataError, RunFailure
+    from crlnseg.train.launch import _child_error
+
+    def raised(last_line: str) -> Exception:
+        return mp.ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n"
+                                         f"Traceback (most recent call last):\n  ...\n{last_line}\n",
+                                         1, 123)
+
+    full = _child_error(raised("crlnseg.errors.RunFailure: cannot write /x/last.pt: no space"))
+    assert type(full) is RunFailure and str(full) == "cannot write /x/last.pt: no space"
+    bad = _child_error(raised("crlnseg.errors.DataError: case 3: label shape differs"))
+    assert type(bad) is DataError and bad.exit_code == 2
+    other = _child_error(raised("ValueError: boom"))
+    assert type(other) is RunFailure and "a training process failed: ValueError: boom" in str(other)

@@ -34,7 +34,7 @@ from crlnseg.data.manifest import (
 from crlnseg.data.preprocessing import preprocess
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io import Volume, read_case_images, read_h5_case, read_label
-from crlnseg.io.writers import output_errors
+from crlnseg.io.writers import output_errors, write_atomic
 from crlnseg.settings import PrepareSettings
 
 __all__ = ["prepare_dataset", "load_case", "prepare_case"]
@@ -99,16 +99,26 @@ def load_case(case: CaseFiles, h5_spacing: tuple[float, float, float] = (1.0, 1.
     return image, read_label(case.label, reference=image, h5_spacing=h5_spacing)
 
 
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """``.npy`` through :func:`write_atomic`: a full disk is one line naming the file."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+
+    write_atomic(path, save, overwrite=True)
+
+
 def prepare_case(case: CaseFiles, folder: Path, settings: PrepareSettings) -> CaseRecord:
     """Read, validate, preprocess and save one case into ``folder/cases``; its manifest record."""
     image, label = load_case(case, settings.h5_spacing)
     result = preprocess(image, label, settings)
     image_file = f"cases/{case.id}_image.npy"
-    np.save(folder / image_file, np.ascontiguousarray(result.image, dtype=np.float32))
+    _save_array(folder / image_file, np.ascontiguousarray(result.image, dtype=np.float32))
     label_file = None
     if result.label is not None:
         label_file = f"cases/{case.id}_label.npy"
-        np.save(folder / label_file, np.ascontiguousarray(result.label, dtype=np.uint8))
+        _save_array(folder / label_file, np.ascontiguousarray(result.label, dtype=np.uint8))
     return CaseRecord(
         id=case.id, images=[str(p.resolve()) for p in case.images],
         label=str(case.label.resolve()) if case.label else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from crlnseg.checkpoint import load_checkpoint, resolve_checkpoint
+from crlnseg.checkpoint import clean_message, load_checkpoint, resolve_checkpoint
 from crlnseg.config import settings_from_dict
 from crlnseg.errors import CheckpointError
 from crlnseg.inference.choice import check_choice
@@ -26,7 +26,7 @@ def load_inference_model(model: Path, which: str = "last",
         net.load_state_dict(data["state"]["teacher"])
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: teacher weights do not match the model "
-                              f"({str(err).splitlines()[0][:120]})") from None
+                              f"({clean_message(str(err))})") from None
     meta = data["meta"]
     problem = check_choice(meta.get("inference"))
     if problem:

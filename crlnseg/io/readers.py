@@ -11,8 +11,6 @@ read says so too); what the C++ readers print on stderr beside their errors is n
 
 from __future__ import annotations
 
-import math
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from crlnseg.errors import DataError, RunFailure
-from crlnseg.io.paths import is_h5_file, is_nifti, missing_reason, split_suffix
+from crlnseg.io import integrity
+from crlnseg.io.paths import is_h5_file, is_nifti, missing_reason
 from crlnseg.io.volume import GEOMETRY_TOL, Geometry, Volume
 
 __all__ = ["read_image", "read_h5_case", "read_case_images", "read_label", "read_header",
@@ -29,10 +28,6 @@ __all__ = ["read_image", "read_h5_case", "read_case_images", "read_label", "read
            "GEOMETRY_TOL"]
 
 MAX_CHANNELS = 16  # a 4D file with more volumes is a time series, not a stack of modalities
-# Deflate (gzip, zlib) never shrinks data more than ~1032:1: a compressed file of N bytes holds
-# at most this many times N bytes of voxels.
-_MAX_DEFLATE_RATIO = 1032
-
 
 @dataclass(frozen=True)
 class Header:
@@ -135,7 +130,7 @@ def read_header(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> He
             reader.ReadImageInformation()
     except RuntimeError as err:
         raise DataError(f"{path}: unreadable or corrupt image ({_sitk_reason(err)})") from None
-    _check_claimed_size(path, reader)
+    integrity.check_claimed_size(path, reader)
     dim, components = reader.GetDimension(), reader.GetNumberOfComponents()
     size = tuple(int(n) for n in reader.GetSize())
     if dim != 3 and not (dim == 4 and components == 1):
@@ -270,7 +265,7 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
         if dim != 3 and not (dim == 4 and not vector):
             kind = f"{dim}D {'vector ' * vector}image"
             raise DataError(f"{path}: {kind} of size {reader.GetSize()}, expected 3D")
-        _check_claimed_size(path, reader)
+        integrity.check_claimed_size(path, reader)
         if is_nifti(path):
             array = _nifti_voxels(path)
         else:
@@ -279,11 +274,12 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
             array = _sitk_order(sitk.GetArrayFromImage(image), dim, vector)
     except RuntimeError as err:
         said = f"{err}\n{''.join(printed)}"
-        if _SHORT_READ.search(said):
-            raise DataError(_claims_more(path, reader.GetSize())) from None
+        if integrity.SHORT_READ.search(said):
+            raise DataError(integrity.claims_more(path, reader.GetSize())) from None
         if "Failed to allocate memory" in said:
-            raise RunFailure(f"{path}: out of memory reading {_dims(reader.GetSize())} voxels "
-                             f"({_claimed_bytes(reader) / 2**30:.1f} GiB)") from None
+            size = integrity.dims(reader.GetSize())
+            raise RunFailure(f"{path}: out of memory reading {size} voxels "
+                             f"({integrity.claimed_bytes(reader) / 2**30:.1f} GiB)") from None
         raise DataError(f"{path}: unreadable or corrupt image ({_sitk_reason(err)})") from None
     _check_dims(array, path)
     direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3]
@@ -313,10 +309,10 @@ def _nifti_voxels(path: Path) -> np.ndarray:
             shape = tuple(image.shape)
             array = np.asarray(image.dataobj)
     except MemoryError:  # the file can hold the data (checked before): a runtime failure
-        raise RunFailure(f"{path}: out of memory reading {_dims(shape)} voxels") from None
+        raise RunFailure(f"{path}: out of memory reading {integrity.dims(shape)} voxels") from None
     except Exception as err:  # noqa: BLE001 - EOFError, zlib.error, OSError...: all mean corrupt
-        if shape and (isinstance(err, EOFError) or _SHORT_READ.search(str(err))):
-            raise DataError(_claims_more(path, shape)) from None
+        if shape and (isinstance(err, EOFError) or integrity.SHORT_READ.search(str(err))):
+            raise DataError(integrity.claims_more(path, shape)) from None
         raise DataError(f"{path}: unreadable or corrupt image ({type(err).__name__}: "
                         f"{_first_line(err)})") from None
     if array.dtype == np.float64 and image.get_data_dtype() != np.float64:
@@ -326,90 +322,10 @@ def _nifti_voxels(path: Path) -> np.ndarray:
     return np.moveaxis(array, -1, 0) if array.ndim == 4 else array
 
 
-# Short reads: nibabel ("Expected 32000 bytes, got 4352 bytes"), Teem's NRRD raw reader ("fread
-# got only 750 4-sized things, not 1000"), MetaIO ("data not read completely", on stderr).
-_SHORT_READ = re.compile(r"Expected \d+ bytes, got \d+ bytes|fread got only|"
-                         r"not read completely", re.IGNORECASE)
 
 
-def _dims(shape: Sequence[int]) -> str:
-    return " x ".join(str(int(n)) for n in shape)
 
 
-def _claims_more(path: Path, shape: Sequence[int]) -> str:
-    return (f"{path}: the header claims {_dims(shape)} voxels but the file holds fewer "
-            "(truncated or corrupt file)")
-
-
-def _claimed_bytes(reader) -> int:
-    """Voxel bytes the header of ``reader`` (a SimpleITK reader after ReadImageInformation)
-    describes: voxels x components x bytes per component (a lower bound if the type is odd)."""
-    import SimpleITK as sitk
-
-    kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
-    bits = re.search(r"(\d+)-bit", kind)
-    item = (int(bits.group(1)) // 8 if bits else 1) * (2 if "complex" in kind else 1)
-    return math.prod(int(n) for n in reader.GetSize()) * reader.GetNumberOfComponents() * item
-
-
-def _check_claimed_size(path: Path, reader) -> None:
-    """Refuse a header whose voxels cannot fit in the file(s), before anything is allocated.
-
-    Uncompressed NIfTI: exactly (offset + data size). Other files: at most the deflate ratio times
-    the bytes on disk (header file plus a separate data file it names), so an absurd size
-    (100000^3) or a few-kB file claiming gigabytes is caught; a truncation within that bound is
-    caught when reading.
-    """
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return
-    if split_suffix(path)[1].lower() == ".nii":
-        import nibabel as nib
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                header = nib.load(str(path)).header
-                shape = tuple(int(n) for n in header.get_data_shape())
-                end = int(header.get_data_offset()) + (math.prod(shape)
-                                                       * header.get_data_dtype().itemsize)
-        except Exception:  # noqa: BLE001 - nibabel cannot tell; reading will
-            return
-        if end > size:
-            raise DataError(_claims_more(path, shape))
-        return
-    available = _stored_bytes(path, size)
-    if available is not None and _claimed_bytes(reader) > _MAX_DEFLATE_RATIO * available:
-        raise DataError(_claims_more(path, reader.GetSize()))
-
-
-def _stored_bytes(path: Path, size: int) -> int | None:
-    """Bytes on disk that can hold ``path``'s voxels: the file, plus the data file a MetaImage or
-    NRRD header names; None when that is not known (file lists, patterns, bzip2 encoding)."""
-    suffix = split_suffix(path)[1].lower()
-    if suffix not in (".mha", ".mhd", ".nrrd", ".nhdr"):
-        return size
-    try:
-        with open(path, "rb") as f:
-            head = f.read(65536).decode("latin-1")
-    except OSError:
-        return None
-    if suffix in (".nrrd", ".nhdr"):
-        if re.search(r"^encoding:\s*(bz2|bzip2)\s*$", head, re.MULTILINE | re.IGNORECASE):
-            return None  # bzip2 can shrink data far more than deflate
-        found = re.search(r"^data ?file:\s*(.+?)\s*$", head, re.MULTILINE | re.IGNORECASE)
-    else:
-        found = re.search(r"^ElementDataFile\s*=\s*(.+?)\s*$", head, re.MULTILINE)
-    if found is None or found.group(1).upper() == "LOCAL":
-        return size if suffix in (".mha", ".nrrd") else None
-    name = found.group(1)
-    if name.upper().startswith("LIST") or "%" in name or " " in name:
-        return None
-    try:
-        return size + (path.parent / name).stat().st_size
-    except OSError:
-        return None  # a missing data file: the reader says so
 
 
 def _check_dims(array: np.ndarray, path: Path) -> None:

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from crlnseg import signals
+from crlnseg import errors, signals
 from crlnseg.checkpoint import load_checkpoint
 from crlnseg.config import resolve_settings, saved_run_settings
-from crlnseg.errors import RunFailure, on_failure
+from crlnseg.errors import CrlnsegError, RunFailure, on_failure
 from crlnseg.settings import RunSettings
 from crlnseg.train.logging import read_metrics
 from crlnseg.train.loop import TrainResult, run_worker
@@ -53,8 +53,7 @@ def _spawn_workers(plan: RunPlan, received: signals.StopFlag) -> TrainResult:
     try:
         spawn(run_worker, plan.world_size, (plan,))
     except mp.ProcessRaisedException as err:  # one line: the child's exception
-        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        raise RunFailure(f"a training process failed: {lines[-1] if lines else err}") from None
+        raise _child_error(err) from None
     except mp.ProcessExitedException as err:
         # A rank can die on its way out after a forwarded stop signal (an abort in a library's
         # exit handler) when the checkpoint is already saved: the run stopped as asked.
@@ -66,6 +65,19 @@ def _spawn_workers(plan: RunPlan, received: signals.StopFlag) -> TrainResult:
     return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), plan.settings.train.iterations,
                        received.signum, dice, ckpt["meta"].get("best_val_dice"), largest,
                        ckpt["meta"].get("inference"))
+
+
+def _child_error(err: Exception) -> CrlnsegError:
+    """A rank's exception as the launcher's: a crlnseg error keeps its kind and message (and so
+    its exit status); anything else is a RunFailure saying a training process failed."""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else str(err)
+    kind, _, message = last.partition(": ")
+    cls = getattr(errors, kind.removeprefix("crlnseg.errors."), None)
+    if kind.startswith("crlnseg.errors.") and isinstance(cls, type) and issubclass(
+            cls, CrlnsegError) and cls is not errors.RunInterrupted:
+        return cls(message)
+    return RunFailure(f"a training process failed: {last}")
 
 
 def last_validation(history: list[dict[str, Any]], start: int
