@@ -9,6 +9,9 @@
 # Env:     ITERATIONS (default 1000, the cpu preset's), PRESET (default cpu), and the split
 #          boundaries in cases.txt lines: LABELLED (8), UNLABELLED_END (64), VAL_END (80).
 # Nothing in DATA is written; everything goes under WORK. Re-running reuses what exists.
+# Run time on a quiet 2-core CPU with the defaults: about 9 minutes in all. Training's 1000
+# iterations take about 8 (2.2 it/s); prepare ~2 s, predict ~5 s, rectify ~40 s, evaluate ~2 s
+# (benchmarks/RESULTS.md, "walkthrough"). A busy machine can take several times longer.
 set -euo pipefail
 
 DATA=${1:-../shared/data/la}
