@@ -1,8 +1,7 @@
-"""Every GPU measurement the issues ask for, in one run: prepared for a session lent a GPU.
+"""The GPU measurements of RESULTS.md "GPU checks", in one run.
 
-A session gets 15 minutes of device time in all, so this runs once, each step in its own process
-with its own time limit (a failing or slow step does not cost the others), and writes each step's
-log and a summary under ``--out``:
+Each step runs in its own process with its own time limit (a failing or slow step does not cost
+the others), and writes its log and a summary under ``--out``:
 
 1. ``crlnseg predict`` seconds per case at full LA resolution: synthetic volumes of the two
    ``la_h5`` cases' shapes (183 x 140 x 88 and 199 x 143 x 88 at 0.625 mm), a ``la8``-size CRLN
@@ -18,14 +17,14 @@ log and a summary under ``--out``:
 Between 1 and 2, ``tests/test_cuda.py`` (CUDA against the CPU: predict with AMP, a training step
 with and without AMP, ``crlnseg train`` / ``predict --device cuda``), which CI cannot run.
 
-On the device machine (wheels fetched here first with ``benchmarks/gpu_wheels.sh``, carried as
-``.whl``):
+On a GPU machine whose Python lacks some of crlnseg's dependencies (wheels fetched first with
+``benchmarks/gpu_wheels.sh`` into ``.whl``):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
 
-Check the script itself on the CPU, with tiny sizes, before spending device time:
+Check the script itself on the CPU, with tiny sizes, before spending GPU time:
 
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_smoke
 """

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fetch, into .whl/ (git-ignored), the wheels that benchmarks/gpu_check.py needs on the device
-# machine and that its image lacks (it has torch, numpy, scipy, h5py, rich, typer, matplotlib,
+# Fetch, into .whl/ (git-ignored), the wheels that benchmarks/gpu_check.py needs on a GPU
+# machine whose image lacks them (it has torch, numpy, scipy, h5py, rich, typer, matplotlib,
 # pyyaml): pydantic and its parts, nibabel, SimpleITK. Versions: those of the active environment,
-# so the GPU runs the code the tests ran. About 58 MB; the device carries 64 MiB in all.
+# so the GPU runs the code the tests ran. About 58 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }

@@ -1,7 +1,6 @@
 """The CUDA paths (mixed precision, device transfers): skipped without a GPU.
 
-CI has no GPU; `benchmarks/gpu_check.py` runs this file on the device machine when a session is
-lent one. Each test compares against the CPU in fp32, so a wrong result on CUDA fails, not only a
+`benchmarks/gpu_check.py` runs this file on a GPU machine. Each test compares against the CPU in fp32, so a wrong result on CUDA fails, not only a
 crash.
 """
 

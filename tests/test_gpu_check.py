@@ -1,5 +1,5 @@
-"""The prepared GPU script must run the first time a session is lent a GPU (15 minutes in all),
-so its CPU smoke mode runs here: every step, the same code paths, tiny sizes."""
+"""The GPU script must work the first time it meets a GPU, so its CPU smoke mode runs here: every
+step, the same code paths, tiny sizes."""
 
 import json
 import subprocess

@@ -302,7 +302,7 @@ def test_sigterm_to_a_real_process_then_resume(data, tmp_path):
     assert load_checkpoint(out / "checkpoints/last.pt")["meta"]["iteration"] == done + 1
 
 
-def test_last_validation_ignores_lines_of_an_earlier_session():
+def test_last_validation_ignores_lines_of_an_earlier_invocation():
     from crlnseg.train.launch import last_validation
 
     history = [{"iteration": 2, "loss": 1.0}, {"iteration": 2, "val_dice": 0.5},
