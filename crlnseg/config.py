@@ -132,6 +132,8 @@ def validation_message(err: ValidationError, source: str = "settings") -> str:
     if kind == "extra_forbidden":
         known = ", ".join(_known_keys(RunSettings, [str(p) for p in first["loc"][:-1]]))
         return f"{source}: unknown setting '{field}' (known: {known})"
+    if not field:  # a check across sections names its fields itself
+        return f"{source}: {msg}"
     return f"{source}: {field} = {first.get('input')!r}: {msg}"
 
 

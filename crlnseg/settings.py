@@ -9,6 +9,7 @@ as NIfTI voxel indices; "in-plane" means X and Y.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +42,15 @@ def check_stride(stride: IntTriple | None, patch: IntTriple | None) -> None:
     if patch is not None and any(s > p for s, p in zip(stride, patch, strict=True)):
         raise ValueError(f"each side must be at most the patch size {tuple(patch)}, got "
                          f"{tuple(stride)}")
+
+
+def check_patch(patch: IntTriple, total_stride: IntTriple, what: str = "patch") -> None:
+    """Both backbones down-sample four times: every side must divide by that axis's total
+    stride (16 with the default topology)."""
+    if any(p < s or p % s for p, s in zip(patch, total_stride, strict=True)):
+        sides = ("a positive multiple of 16" if set(total_stride) == {16}
+                 else f"a positive multiple of the model's total stride {tuple(total_stride)}")
+        raise ValueError(f"{what}: each side must be {sides}, got {tuple(patch)}")
 
 
 class Strict(BaseModel):
@@ -84,6 +94,27 @@ class ModelSettings(Strict):
     dropout: bool = Field(True, description="dropout in the decoder as in the reference V-Net")
     prototypes_per_class: int = Field(16, ge=1, description="R, prototypes per class")
     prototype_dim: int = Field(64, ge=4, description="F, prototype (and embedding) width")
+    strides: tuple[IntTriple, IntTriple, IntTriple, IntTriple] = Field(((2, 2, 2),) * 4, description="down-sampling X Y Z of each of the four levels; 1: the axis is not pooled there (anisotropic data)")
+    kernels: tuple[IntTriple, IntTriple, IntTriple, IntTriple, IntTriple] = Field(((3, 3, 3),) * 5, description="convolution kernel X Y Z of each of the five levels; 1 along an axis too coarse to convolve across")
+
+    @field_validator("strides")
+    @classmethod
+    def _strides_one_or_two(cls, strides: tuple[IntTriple, ...]) -> tuple[IntTriple, ...]:
+        if any(s not in (1, 2) for level in strides for s in level):
+            raise ValueError(f"each stride must be 1 or 2, got {strides}")
+        return strides
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernels_odd(cls, kernels: tuple[IntTriple, ...]) -> tuple[IntTriple, ...]:
+        if any(k not in (1, 3, 5) for level in kernels for k in level):
+            raise ValueError(f"each kernel side must be 1, 3 or 5, got {kernels}")
+        return kernels
+
+    @property
+    def total_stride(self) -> IntTriple:
+        """The backbone's down-sampling per axis: patches are multiples of it."""
+        return tuple(math.prod(level[a] for level in self.strides) for a in range(3))  # type: ignore[return-value]
 
 
 class MethodSettings(Strict):
@@ -136,7 +167,7 @@ class TrainSettings(Strict):
     """The loop around one CRLN iteration (``crlnseg train``)."""
 
     iterations: int = Field(40000, ge=1, description="training iterations")
-    patch: IntTriple = Field((112, 112, 80), description="crop size X Y Z (multiples of 16)")
+    patch: IntTriple = Field((112, 112, 80), description="crop size X Y Z (multiples of the model's total stride, 16 by default)")
     batch_labelled: int = Field(2, ge=1, description="labelled crops per iteration (per process)")
     batch_unlabelled: int = Field(2, ge=0, description="unlabelled crops per iteration (per process)")
     foreground_oversample: float = Field(0.33, ge=0, le=1, description="share of labelled crops centred on foreground")
@@ -150,14 +181,6 @@ class TrainSettings(Strict):
     checkpoint_every: int = Field(1000, ge=1, description="iterations between periodic checkpoints")
     val_every: int = Field(1000, ge=1, description="iterations between validations (with --val)")
     val_stride: IntTriple | None = Field(None, description="sliding-window stride for validation, uniform blending as the literature's (LA: 18 18 4); None: predict's default, Gaussian at overlap 0.5")
-
-    @field_validator("patch")
-    @classmethod
-    def _patch_multiple_of_16(cls, patch: IntTriple) -> IntTriple:
-        # Both backbones downsample four times, so every side must divide by 16.
-        if any(p < 16 or p % 16 for p in patch):
-            raise ValueError(f"each side must be a positive multiple of 16, got {patch}")
-        return patch
 
     @model_validator(mode="after")
     def _val_stride_within_patch(self) -> TrainSettings:
@@ -177,6 +200,11 @@ class RunSettings(Strict):
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     optim: OptimSettings = Field(default_factory=OptimSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @model_validator(mode="after")
+    def _patch_fits_the_model(self) -> RunSettings:
+        check_patch(self.train.patch, self.model.total_stride, "train.patch")
+        return self
 
 
 class PredictSettings(Strict):

@@ -58,7 +58,7 @@ def test_backbone_output_and_embed_modes(backbone):
 
 def test_input_size_not_multiple_of_16_is_rejected():
     net = build_backbone(tiny().model)
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match=r"multiples of \(16, 16, 16\)"):
         net(torch.randn(1, 1, 32, 32, 24))
 
 
@@ -82,3 +82,50 @@ def test_predict_logits_rectifies_with_mu(crln_model):
         crln_model.mu_raw.fill_(0.0)
     torch.testing.assert_close(got, out.logits + 0.75 * out.relation)
     torch.testing.assert_close(plain, out.logits)
+
+
+# A 0.8 x 0.8 x 4 mm plan: Z is not pooled in the first two levels (its spacing is more than
+# twice the in-plane one until X and Y have been halved twice), nor convolved across at level 0.
+ANISOTROPIC = {"strides": [[2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
+               "kernels": [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]}
+
+
+@pytest.mark.parametrize("backbone", ["vnet", "unet"])
+def test_an_anisotropic_topology_keeps_every_output_shape(backbone):
+    settings = tiny(model={"backbone": backbone, **ANISOTROPIC}, train={"patch": (32, 32, 8)})
+    assert settings.model.total_stride == (16, 16, 4)
+    torch.manual_seed(0)
+    model = build_model(settings).eval()
+    x = torch.randn(2, 1, 32, 48, 8)
+    with torch.no_grad():
+        out = model(x)
+    assert out.logits.shape == (2, 3, 32, 48, 8)
+    assert out.relation.shape == (2, 3, 32, 48, 8) and bool((out.relation >= 0).all())
+    assert out.net.feat_half.shape == (2, 8, 16, 24, 8)  # level 1: Z not pooled yet
+    assert out.net.feat_quarter.shape == (2, 16, 8, 12, 8)  # level 2: still full Z
+    assert out.embedding.shape == (2, 8, 32, 48, 8)
+    first = model.backbone.enc[0][0]
+    assert first.kernel_size == (3, 3, 1) and first.padding == (1, 1, 0)
+    assert model.backbone.down_level(0, torch.randn(1, 4, 8, 8, 8)).shape[-1] == 8
+    with pytest.raises(ValueError, match=r"multiples of \(16, 16, 4\)"):
+        model(torch.randn(1, 1, 32, 32, 6))
+
+
+def test_the_patch_must_fit_the_topology():
+    with pytest.raises(ValueError, match=r"multiple of the model's total stride \(16, 16, 4\)"):
+        tiny(model=ANISOTROPIC, train={"patch": (32, 32, 6)})
+    with pytest.raises(ValueError, match="each stride must be 1 or 2"):
+        tiny(model={"strides": [[3, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]})
+
+
+def test_an_anisotropic_model_trains_a_step():
+    from crlnseg.method.train_step import Batch, train_step
+    from crlnseg.train.state import init_state
+
+    settings = tiny(model={**ANISOTROPIC, "num_classes": 2}, train={"patch": (32, 32, 8)})
+    state = init_state(settings, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 32, 32, 8, generator=g)
+    batch = Batch(x[:2], (x[:2, 0] > 0.5).long(), x[2:])
+    record = train_step(state, batch, settings, g, total_iterations=10)
+    assert record.loss > 0 and record.loss_relation is not None

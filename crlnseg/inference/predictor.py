@@ -119,10 +119,14 @@ class Predictor:
         prepare = PrepareSettings.model_validate(meta.get("prepare", run.prepare.model_dump()))
         classes = [str(c) for c in meta.get("classes", range(run.model.num_classes))]
         channels = int(meta.get("channels", run.model.in_channels))
-        if settings.patch is not None and any(n % 16 for n in settings.patch):
+        if settings.patch is not None:
             from crlnseg.errors import ConfigError
+            from crlnseg.settings import check_patch
 
-            raise ConfigError(f"patch {settings.patch}: each side must be a multiple of 16")
+            try:
+                check_patch(settings.patch, run.model.total_stride)
+            except ValueError as err:
+                raise ConfigError(f"--{err}") from None
         return cls(net, settings, tuple(run.train.patch), prepare, channels, classes, device, meta)
 
     @property

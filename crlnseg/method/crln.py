@@ -84,7 +84,7 @@ def build_model(settings: RunSettings) -> CRLNModel:
     b = m.base_filters
     return CRLNModel(backbone, Prototypes(m.num_classes, m.prototypes_per_class, m.prototype_dim),
                      DynamicInteraction(m.num_classes, m.prototypes_per_class, m.prototype_dim,
-                                        4 * b, 2 * b))
+                                        4 * b, 2 * b, up_stride=m.strides[0], kernel=m.kernels[1]))
 
 
 def predict_logits(model: CRLNModel, x: Tensor, rectify: bool = True) -> Tensor:

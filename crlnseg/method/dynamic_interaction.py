@@ -9,7 +9,9 @@ Stage s (1/4 resolution, width F; then 1/2 resolution, width F/2):
   aggregation 1x1x1 conv R -> 1: one cue map per class                          (B, C, X, Y, Z)
 Between stages the prototypes move to the next width with a linear map (F -> F/2). The finest
 stage's cue maps pass a class-mixing 1x1x1 conv, a stride-2 transposed conv to the input size and
-a ReLU: M(x) >= 0. The coarse stage shapes M only through the refined prototypes, so it computes
+a ReLU: M(x) >= 0. With an anisotropic backbone the spatial block's kernel is the level-1
+kernel and the up-sampling the level-0 stride, so M(x) always has the input's size. The coarse
+stage shapes M only through the refined prototypes, so it computes
 no cue map (the reference computes one and discards it); the finest stage's prototype update
 feeds nothing, so it is not computed either (no parameter is left without a gradient, which DDP
 also requires).
@@ -58,7 +60,7 @@ class InteractionStage(nn.Module):
     and prototype aggregation into cue maps (finest stage)."""
 
     def __init__(self, in_channels: int, width: int, num_classes: int, per_class: int,
-                 spatial: bool) -> None:
+                 spatial: bool, kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
         self.tokens = nn.Conv3d(in_channels, width, 1)
         self.token_norm = nn.LayerNorm(width)
@@ -77,7 +79,8 @@ class InteractionStage(nn.Module):
             self.map_shift = nn.Parameter(torch.zeros(k))
             r = per_class
             self.spatial = nn.Sequential(
-                nn.Conv3d(r, r, 3, padding=1, groups=r, bias=False), nn.BatchNorm3d(r),
+                nn.Conv3d(r, r, kernel, padding=tuple(k // 2 for k in kernel), groups=r,
+                          bias=False), nn.BatchNorm3d(r),
                 nn.ReLU(inplace=True), nn.Conv3d(r, r, 1, bias=False), nn.BatchNorm3d(r),
                 nn.ReLU(inplace=True))
             self.aggregate = nn.Conv3d(r, 1, 1)
@@ -104,19 +107,21 @@ class DynamicInteraction(nn.Module):
     """M(x) from prototypes P (C, R, F) and decoder features at 1/4 and 1/2 resolution."""
 
     def __init__(self, num_classes: int, per_class: int, dim: int, quarter_channels: int,
-                 half_channels: int) -> None:
+                 half_channels: int, up_stride: tuple[int, int, int] = (2, 2, 2),
+                 kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
         half_dim = max(dim // 2, 1)
         self.coarse = InteractionStage(quarter_channels, dim, num_classes, per_class, spatial=False)
         self.to_fine = nn.Linear(dim, half_dim)
-        self.fine = InteractionStage(half_channels, half_dim, num_classes, per_class, spatial=True)
+        self.fine = InteractionStage(half_channels, half_dim, num_classes, per_class, spatial=True,
+                                     kernel=kernel)
         self.class_mix = nn.Conv3d(num_classes, num_classes, 1)
-        self.upsample = nn.ConvTranspose3d(num_classes, num_classes, 2, stride=2)
+        self.upsample = nn.ConvTranspose3d(num_classes, num_classes, up_stride, stride=up_stride)
         self.relu = nn.ReLU()
         init_output_layers(self.fine.aggregate, self.class_mix, self.upsample)
 
     def forward(self, prototypes: Tensor, feat_quarter: Tensor, feat_half: Tensor) -> Tensor:
-        """-> M(x) >= 0, (B, C, X, Y, Z) with (X, Y, Z) twice the size of ``feat_half``."""
+        """-> M(x) >= 0, (B, C, X, Y, Z): ``feat_half``'s size times the level-0 stride."""
         b = feat_quarter.shape[0]
         protos = prototypes.flatten(0, 1).unsqueeze(0).expand(b, -1, -1).to(feat_quarter.dtype)
         protos, _ = self.coarse(protos, feat_quarter)

@@ -14,7 +14,18 @@ from torch import Tensor, nn
 from crlnseg.nets.checkpointing import checkpointed
 from crlnseg.nets.output import EmbedMode, NetOutput, check_input
 
-__all__ = ["EncoderDecoder"]
+__all__ = ["EncoderDecoder", "ISOTROPIC_STRIDES", "ISOTROPIC_KERNELS", "total_stride"]
+
+ISOTROPIC_STRIDES = ((2, 2, 2),) * 4
+ISOTROPIC_KERNELS = ((3, 3, 3),) * 5
+
+
+def total_stride(strides: tuple[tuple[int, int, int], ...]) -> tuple[int, int, int]:
+    """Down-sampling of the whole backbone per axis: input sides are multiples of it."""
+    out = [1, 1, 1]
+    for level in strides:
+        out = [o * s for o, s in zip(out, level, strict=True)]
+    return tuple(out)  # type: ignore[return-value]
 
 
 class EncoderDecoder(nn.Module):
@@ -25,6 +36,7 @@ class EncoderDecoder(nn.Module):
     out_conv: nn.Module
     head: nn.Module
     checkpoint_activations: bool
+    strides: tuple[tuple[int, int, int], ...]
 
     def down_level(self, i: int, x: Tensor) -> Tensor:
         """Level ``i`` -> ``i + 1`` (half the resolution)."""
@@ -45,7 +57,7 @@ class EncoderDecoder(nn.Module):
         return self.out_conv(self.dropout(x))
 
     def forward(self, x: Tensor, embed: EmbedMode = "dense") -> NetOutput:
-        check_input(x, 16)
+        check_input(x, total_stride(self.strides))
         ck = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         skip, x = checkpointed(self._top_down, self, x, enabled=ck)
         skips = [skip]

@@ -19,10 +19,11 @@ __all__ = ["ProjectionHead"]
 class ProjectionHead(nn.Module):
     """Full-resolution embedding: ``project(hidden(x))``, ``(B, H, X, Y, Z) -> (B, F, X, Y, Z)``."""
 
-    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int,
+                 kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
         self.hidden = nn.Sequential(
-            nn.Conv3d(in_channels, hidden_channels, 3, padding=1),
+            nn.Conv3d(in_channels, hidden_channels, kernel, padding=tuple(k // 2 for k in kernel)),
             nn.BatchNorm3d(hidden_channels),
             nn.ReLU(inplace=True),
         )

@@ -46,7 +46,7 @@ class NetOutput:
         return NetOutput(logits, feat_quarter, feat_half, dense, hidden)
 
 
-def check_input(x: Tensor, multiple: int) -> None:
-    if x.dim() != 5 or any(s % multiple for s in x.shape[2:]):
-        raise ValueError(f"expected input (B, C, X, Y, Z) with sides multiples of {multiple}, "
-                         f"got {tuple(x.shape)}")
+def check_input(x: Tensor, multiple: tuple[int, int, int]) -> None:
+    if x.dim() != 5 or any(s % m for s, m in zip(x.shape[2:], multiple, strict=True)):
+        raise ValueError(f"expected input (B, C, X, Y, Z) with sides multiples of "
+                         f"{tuple(multiple)}, got {tuple(x.shape)}")

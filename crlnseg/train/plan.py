@@ -132,7 +132,8 @@ def adopt_dataset(settings: RunSettings, manifest: Any, folder: Path) -> RunSett
 def _check_batch_norm(settings: RunSettings) -> None:
     t = settings.train
     crops = t.batch_labelled + (t.batch_unlabelled if settings.method.method != "supervised" else 0)
-    if crops * math.prod(p // 16 for p in t.patch) < 2:
+    deepest = zip(t.patch, settings.model.total_stride, strict=True)
+    if crops * math.prod(p // s for p, s in deepest) < 2:
         raise ConfigError(f"patch {t.patch} with {crops} crop(s) per step leaves BatchNorm one "
                           "value per channel at the deepest level; use a larger patch or batch")
 
@@ -159,7 +160,8 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
         vm = load_manifest(val_dir)
         if vm.settings != lab.settings:
             raise DataError(f"{val} was prepared with other settings than {labelled}")
-        check_training_data(vm, None, (16, 16, 16), settings.model.num_classes, (Path(val), None))
+        check_training_data(vm, None, settings.model.total_stride, settings.model.num_classes,
+                            (Path(val), None))
         if vm.channels != channels:
             raise DataError(f"{val} has {vm.channels} channel(s), the training data {channels}")
     data = {"labelled": resumption.identity(lab), "unlabelled": resumption.identity(unl),
