@@ -1,7 +1,7 @@
 """The CUDA paths (mixed precision, device transfers): skipped without a GPU.
 
-`benchmarks/gpu_check.py` runs this file on a GPU machine. Each test compares against the CPU in fp32, so a wrong result on CUDA fails, not only a
-crash.
+`benchmarks/gpu_check.py` runs this file on a GPU machine. Each test compares against the CPU in
+fp32, so a wrong result on CUDA fails, not only a crash.
 """
 
 from __future__ import annotations

@@ -771,9 +771,9 @@ def test_a_ranks_crlnseg_error_keeps_its_kind_in_the_launcher():
     from crlnseg.train.launch import _child_error
 
     def raised(last_line: str) -> Exception:
-        return mp.ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n"
-                                         f"Traceback (most recent call last):\n  ...\n{last_line}\n",
-                                         1, 123)
+        text = ("\n\n-- Process 1 terminated with the following error:\n"
+                f"Traceback (most recent call last):\n  ...\n{last_line}\n")
+        return mp.ProcessRaisedException(text, 1, 123)
 
     full = _child_error(raised("crlnseg.errors.RunFailure: cannot write /x/last.pt: no space"))
     assert type(full) is RunFailure and str(full) == "cannot write /x/last.pt: no space"
