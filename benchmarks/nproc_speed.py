@@ -106,7 +106,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| tree | median it/s |\n|---|---|\n" + "\n".join(
+    print("| tree | median it/s |\n|---|---|\n" + "\n".join(
         f"| {t} | {v:.3f} |" for t, v in rate.items()))
     print(f"ratio B/A {result['ratio_b_over_a']:.3f}; max |weight difference| student "
           f"{diff['student']:.2e}, teacher {diff['teacher']:.2e}")
