@@ -31,7 +31,13 @@ from crlnseg.errors import ConfigError, OutputExistsError
 from crlnseg.io.writers import make_folder
 
 __all__ = ["DemoPlan", "FULL", "QUICK", "ARTEFACTS", "MARKER", "DemoResult", "check_output",
-           "run_demo"]
+           "run_demo", "EXPECTED_TIME", "QUICK_TIME"]
+
+# What a run takes, stated at its start and in `crlnseg demo --help`. Measured wall times of the
+# default demo (240 iterations, --device cpu): 93-110 s on a quiet 2-core CPU, 150 s on a busy
+# one (benchmarks/RESULTS.md, "demo"); --quick: 5 s, interpreter start included.
+EXPECTED_TIME = "about 2 minutes on a 2-core CPU"
+QUICK_TIME = "under 10 s"
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ def run_demo(out: Path, seed: int = 0, iterations: int | None = None, quick: boo
         raise ConfigError(f"--seed {seed}: expected 0 .. 2**63-1")
     resolve_device(device)
     check_output(out, overwrite)
+    log(_timing(quick, plan.iterations))
     data, prepared, run = out / "data", out / "prepared", out / "run"
     t: dict[str, float] = {}
     cases = plan.labelled + plan.unlabelled + plan.test
@@ -153,6 +160,15 @@ def run_demo(out: Path, seed: int = 0, iterations: int | None = None, quick: boo
     pseudo = {k: sum(r[k] for r in rows) / len(rows) for k in keys
               if rows and k in rows[0] and all(r[k] is not None for r in rows)}
     return DemoResult(out, report, pseudo, t)
+
+
+def _timing(quick: bool, iterations: int) -> str:
+    if quick:
+        return f"crlnseg demo --quick: {QUICK_TIME}"
+    if iterations == FULL.iterations:
+        return f"crlnseg demo: {EXPECTED_TIME}"
+    return (f"crlnseg demo: {EXPECTED_TIME} at {FULL.iterations} iterations; training takes "
+            f"most of it and grows with the iterations ({iterations} here)")
 
 
 def _train(prepared: Path, run: Path, plan: DemoPlan, seed: int, device: str,

@@ -277,7 +277,11 @@ class Report:
             # A case ID is a file name, not rich markup: "s[red]x" must show as such.
             cases.add_row(escape(row["case"]), str(row["class"]),
                           *(cell(row[m]) for m in METRICS))
-        summary = Table(title="Summary: mean ± std (median) [95% CI]; n/a = undefined")
+        # The interval is shown where bootstrap resamples gave one (--bootstrap N).
+        has_ci = any(s.get("ci95") is not None for per_metric in self.summary.values()
+                     for s in per_metric.values())
+        interval = " [95% CI]" if has_ci else ""
+        summary = Table(title=f"Summary: mean ± std (median){interval}; n/a = undefined")
         for name in ("class",) + METRICS:
             summary.add_column(name, justify="right")
         for k, per_metric in self.summary.items():

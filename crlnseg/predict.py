@@ -107,7 +107,7 @@ def predict_paths(inputs: list[Path], output: Path, model: Path,
                    predictor.channels)
     results = []
     for i, (case, target) in enumerate(plan, 1):
-        log(f"[{i}/{len(plan)}] {case.id}")
+        log(f"case {i}/{len(plan)}: {case.id}")
         try:
             volume = read_case_images(case.images, predictor.prepare.h5_spacing)
         except DataError as err:  # a body corrupt behind a sound header

@@ -165,7 +165,7 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
     n_classes = len(predictor.classes)
     rows = []
     for i, case in enumerate(cases, 1):
-        log(f"[{i}/{len(cases)}] {case.id}")
+        log(f"case {i}/{len(cases)}: {case.id}")
         try:  # what headers cannot show: a corrupt body, label values
             volume = read_case_images(case.images, spacing)
             label = (read_label(label_paths[case.id], reference=volume).array

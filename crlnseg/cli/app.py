@@ -11,9 +11,10 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer.core import TyperCommand
 
 from crlnseg import __version__
-from crlnseg.cli.common import fail, handle_errors, option_error, state
+from crlnseg.cli.common import Command, Group, fail, handle_errors, option_error, state
 
 __all__ = ["app", "main", "handle_errors", "option_error", "state"]
 
@@ -22,6 +23,7 @@ app = typer.Typer(
     help="Semi-supervised 3D medical image segmentation with Cooperative Rectification Learning.",
     no_args_is_help=True,
     add_completion=False,
+    cls=Group,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -48,6 +50,9 @@ def _register() -> None:
 
     for module in (prepare, train, rectify, predict, evaluate, demo):
         module.register(app)
+    for command in app.registered_commands:  # flags shown bare in every command's help
+        if command.cls in (None, TyperCommand):
+            command.cls = Command
 
 
 _register()

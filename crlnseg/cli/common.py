@@ -1,6 +1,7 @@
 """What every command shares: the ``--debug`` state, one-line failures, the error-to-exit-status
 wrapper (SIGTERM acts as an interrupt while a command runs, :mod:`crlnseg.signals`) and
-settings errors as ``--option: message``.
+settings errors as ``--option: message``; the command classes whose help lists a flag as a flag
+(no ``<bool>`` / ``BOOLEAN`` placeholder: a flag takes no value).
 
 Kept apart from :mod:`crlnseg.cli.app`, which imports every command module to register it, so that
 a command module can be imported on its own (``import crlnseg.cli.predict``) without a cycle.
@@ -16,8 +17,9 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-__all__ = ["state", "fail", "handle_errors", "option_error"]
+__all__ = ["state", "fail", "handle_errors", "option_error", "Command", "Group"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,3 +84,27 @@ def option_error(err: Any, options: dict[str, str] | None = None) -> Exception:
     option = (options or {}).get(field, field).replace("_", "-")
     message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our checks
     return ConfigError(f"--{option}: {message}" if option else message)
+
+
+def _flags_take_no_placeholder(command: Any, ctx: Any) -> None:
+    # Help shows an option's metavar in place of its type; an empty one shows nothing.
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and not getattr(param, "count", False) \
+                and param.metavar is None:
+            param.metavar = ""
+
+
+class Command(TyperCommand):
+    """A command whose help shows flags (``--overwrite``, ``--amp/--no-amp``, ``--help``) bare."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _flags_take_no_placeholder(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class Group(TyperGroup):
+    """The command group, its flags (``--version``, ``--debug``, ``--help``) shown bare."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _flags_take_no_placeholder(self, ctx)
+        super().format_help(ctx, formatter)

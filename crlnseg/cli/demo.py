@@ -8,9 +8,10 @@ from pathlib import Path
 import typer
 
 from crlnseg.cli.common import handle_errors
+from crlnseg.demo import EXPECTED_TIME, FULL
 
 HELP = (
-    "Run the whole pipeline on a generated synthetic dataset, in a few minutes on a CPU.\n\n"
+    f"Run the whole pipeline on a generated synthetic dataset: {EXPECTED_TIME}.\n\n"
     "Generates a small cardiac-like dataset (a bright irregular chamber with attached veins among "
     "similarly bright distractors, bias field and noise: 4 labelled, 8 unlabelled and 4 test "
     "scans), then runs prepare -> train (CRLN, cpu preset) -> rectify (pseudo-labels of the "
@@ -30,7 +31,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite",
                                        help="Replace the artefacts of an earlier demo in DIR."),
         iterations: int | None = typer.Option(None, "--iterations", min=1,
-                                       help="Training iterations (default 240)."),
+                                       help=f"Training iterations (default {FULL.iterations})."),
         seed: int = typer.Option(0, "--seed", help="Seed of the dataset and of training."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
         quick: bool = typer.Option(False, "--quick", hidden=True,

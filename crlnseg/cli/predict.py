@@ -51,8 +51,8 @@ CHECKPOINT = typer.Option("last", "--checkpoint", help="last, best, or a checkpo
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 TTA = typer.Option(False, "--tta", help="Average the softmax over the 8 flips of X, Y, Z.")
 OVERLAP = typer.Option(0.5, "--overlap", help="Patch overlap (Gaussian blending).")
-STRIDE = typer.Option(None, "--stride", help="Explicit stride X Y Z in voxels, uniform "
-                      "blending (literature LA protocol: 18 18 4).")
+STRIDE = typer.Option(None, "--stride", metavar="X Y Z", help="Explicit stride in voxels, "
+                      "uniform blending (literature LA protocol: 18 18 4).")
 SIGMA = typer.Option(None, "--sigma", help="Gaussian sigma as a share of the patch side "
                      "(default: the run's choice on its validation set, else 0.125 = 1/8, "
                      "nnU-Net's; 0.333 suited well-trained CRLN models on LA).")

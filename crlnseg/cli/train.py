@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
         method: str | None = typer.Option(None, "--method",
             help="crln, mean-teacher or supervised."),
         iterations: int | None = typer.Option(None, "--iterations", help="Training iterations."),
-        patch: tuple[int, int, int] | None = typer.Option(None, "--patch", help="Crop size X Y Z."),
+        patch: tuple[int, int, int] | None = typer.Option(None, "--patch", metavar="X Y Z",
+                                                            help="Crop size in voxels."),
         batch_labelled: int | None = typer.Option(None, "--batch-labelled", help="Labelled crops."),
         batch_unlabelled: int | None = typer.Option(None, "--batch-unlabelled",
             help="Unlabelled crops."),
@@ -64,8 +65,9 @@ def register(app: typer.Typer) -> None:
             help="Iterations per metrics line."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in RUN_DIR."),
-        sets: list[str] = typer.Option([], "--set",
-                                       help="Override any setting: section.key=value."),
+        sets: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="Override any setting: section.key=value "
+                                            "(repeatable)."),
         print_config: bool = typer.Option(False, "--print-config", help="Print the resolved "
                                           "settings as JSON and exit (model.in_channels, "
                                           "model.num_classes and prepare.* are taken from the "

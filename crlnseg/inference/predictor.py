@@ -237,7 +237,8 @@ def _same_grid(info: Any) -> bool:
 
 
 def _progress(description: str) -> Callable[[Iterator[Any], int], Iterator[Any]]:
+    """The sliding window's progress, counted in batches of patches: ``<case>: batch 3/8``."""
     def wrap(batches: Iterator[Any], total: int) -> Iterator[Any]:
-        return track(batches, description=description, total=total)
+        return track(batches, description=f"{description}: batch", total=total)
 
     return wrap

@@ -18,7 +18,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from crlnseg.console import console, is_interactive, log
+from crlnseg.console import log
 from crlnseg.errors import DataError
 from crlnseg.io.writers import write_atomic
 
@@ -136,35 +136,101 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _losses(line: dict[str, Any]) -> str:
+def _losses(line: dict[str, Any], room: int | None = None) -> str:
+    """``loss=... supervised=... mu=...``: the step's losses, or as many whole fields (first ones
+    first) as fit in ``room`` characters."""
     keys = ("loss", "loss_supervised", "loss_relation", "loss_unsup", "loss_cps", "mu")
-    return " ".join(f"{k.removeprefix('loss_')}={line[k]:.4f}" for k in keys
-                    if isinstance(line.get(k), float))
+    text = ""
+    for k in keys:
+        if isinstance(line.get(k), float):
+            field = f"{k.removeprefix('loss_')}={line[k]:.4f}"
+            longer = f"{text} {field}" if text else field
+            if room is not None and len(longer) > room:
+                break
+            text = longer
+    return text
 
 
 class Progress:
-    """A rich bar (it/s, ETA, current losses) on a terminal; else a plain line per log step."""
+    """A rich bar on a terminal, else a plain line per log step (``console``: where they go,
+    default the stderr console).
 
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
+    The bar reads ``train  bar  M/N  rate it/s  elapsed  ETA h:mm:ss  losses``: count, rate,
+    elapsed time and ETA always keep their width; the current losses get what is left after the
+    bar's least width, as many whole fields as fit (none on a narrow terminal), and the bar takes
+    the rest up to its greatest width. The fit is made at every refresh, so a resized terminal is
+    followed.
+    """
+
+    BAR_WIDTH = (10, 40)  # least and greatest
+
+    def __init__(self, total: int, start: int, enabled: bool, console: Any = None) -> None:
+        from crlnseg.console import console as stderr_console
+
         self.total, self.bar = total, None
         self.enabled = enabled
-        if enabled and is_interactive():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as Bar
-
-            self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[rate]}"),
-                           TimeElapsedColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.fields[losses]}"), console=console)
-            self.task = self.bar.add_task("train", total=total, completed=start, rate="",
-                                          losses="")
+        self.console = stderr_console if console is None else console
+        if enabled and self.console.is_terminal:
+            self.bar = self._rich_bar(total, start, self.console)
+            self.task = self.bar.task_ids[0]
             self.bar.start()
+
+    @staticmethod
+    def clock(seconds: float) -> str:
+        """``H:MM:SS``, hours past 24 kept."""
+        s = max(0, int(round(seconds)))
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+    @classmethod
+    def _rich_bar(cls, total: int, start: int, console: Any) -> Any:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.progress import Progress as RichProgress
+        from rich.text import Text
+
+        def rate_of(task: Any) -> float | None:
+            return task.fields.get("rate") or task.speed  # the logged window's, else rich's
+
+        class Rate(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                rate = rate_of(task)
+                return Text(f"{rate:.2f} it/s" if rate else "-.-- it/s")
+
+        class Eta(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                rate = rate_of(task)
+                left = (task.total - task.completed) / rate if rate and task.total else None
+                return Text("ETA " + (cls.clock(left) if left is not None else "-:--:--"))
+
+        class Losses(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                return Text(task.fields.get("fitted", ""), no_wrap=True, overflow="crop")
+
+        least, greatest = cls.BAR_WIDTH
+
+        class Fitted(RichProgress):
+            def get_renderables(self) -> Any:
+                width = console.width  # (self.console exists only once rich has set up)
+                for task in self.tasks:  # one column gap (1) after each column
+                    used = sum(console.measure(c(task)).maximum + 1 for c in essential)
+                    fitted = _losses(task.fields.get("line", {}), width - used - least - 1)
+                    task.fields["fitted"] = fitted
+                    # (rich sizes an empty last column as 1 wide: one more to spare)
+                    spare = width - used - (len(fitted) + 1 if fitted else 1) - 1
+                    bar.bar_width = max(1, min(greatest, spare))
+                yield from super().get_renderables()
+
+        essential = [TextColumn("train"), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                     Eta()]
+        bar = BarColumn(bar_width=greatest)
+        progress = Fitted(essential[0], bar, *essential[1:], Losses(), console=console)
+        progress.add_task("train", total=total, completed=start, rate=None, line={}, fitted="")
+        return progress
 
     def advance(self, iteration: int) -> None:
         if self.bar is not None:
@@ -175,18 +241,18 @@ class Progress:
             return
         rate = line.get("it_per_s") or 0.0
         if self.bar is not None:
-            self.bar.update(self.task, rate=f"{rate:.2f} it/s", losses=_losses(line))
+            self.bar.update(self.task, rate=rate or None, line=line)
             return
         left = (self.total - line["iteration"]) / rate if rate else math.nan
-        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+        eta = self.clock(left).zfill(8) if math.isfinite(left) else "?"
         print(f"iteration {line['iteration']}/{self.total} {rate:.2f} it/s ETA {eta} "
-              f"{_losses(line)}", file=sys.stderr, flush=True)
+              f"{_losses(line)}", file=self.console.file, flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled and self.bar is not None:
             self.bar.console.print(text)
         elif self.enabled:
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=self.console.file, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
