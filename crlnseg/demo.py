@@ -28,7 +28,6 @@ from typing import Any
 
 from crlnseg.console import log
 from crlnseg.errors import ConfigError, OutputExistsError
-from crlnseg.io.writers import make_folder
 
 __all__ = ["DemoPlan", "FULL", "QUICK", "ARTEFACTS", "MARKER", "DemoResult", "check_output",
            "run_demo", "EXPECTED_TIME", "QUICK_TIME"]
@@ -96,6 +95,8 @@ def check_output(out: Path, overwrite: bool) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
+    from crlnseg.io.writers import make_folder  # numpy: not at CLI start-up
+
     make_folder(out)
     (out / MARKER).write_text("crlnseg demo artefacts: data prepared run pseudo_labels "
                               "predictions evaluation.json\n")
