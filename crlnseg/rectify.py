@@ -43,7 +43,7 @@ from crlnseg.metrics import mean_foreground_dice
 from crlnseg.settings import PredictSettings
 
 __all__ = ["COLUMNS", "DICE_COLUMNS", "KINDS", "case_outputs", "find_label", "find_labels",
-           "case_row", "rectify_paths"]
+           "check_label_values", "case_row", "rectify_paths"]
 
 KINDS = ("rectified", "raw", "confidence", "reliable")
 COLUMNS = ["case", "mu", "reliable_raw", "reliable_rectified", "seconds"]
@@ -112,6 +112,32 @@ def case_row(case_id: str, pred: Any, threshold: float, classes: int,
     return row
 
 
+def _check_outside(out: Path, folders: dict[str, Path | None]) -> None:
+    """``-o`` must be neither an input folder nor inside one: its files would be read back as
+    cases (or labels) of that folder."""
+    dst = out.resolve()
+    for what, folder in folders.items():
+        if folder is None:
+            continue
+        src = Path(folder).resolve()
+        if dst == src or src in dst.parents:
+            where = "is" if dst == src else "is inside"
+            raise OutputExistsError(f"-o {out}: {where} the {what} folder {folder}; the output "
+                                    "folder must be outside its inputs (input files are never "
+                                    "overwritten)")
+
+
+def check_label_values(label: np.ndarray, classes: int, path: Path) -> None:
+    """Ground truth may hold only the model's classes 0..K-1."""
+    values = np.unique(label)
+    if values.size and int(values[-1]) >= classes:
+        found = [int(v) for v in values]
+        shown = f"{found[:8]}{'...' if len(found) > 8 else ''}"
+        hint = (" (masks stored as 0/255? convert them to 0/1)" if found[-1] == 255 else "")
+        raise DataError(f"{path}: label values {shown}, but the model's classes are "
+                        f"0..{classes - 1}{hint}")
+
+
 def _mean(values: list[Any]) -> float | None:
     """Mean of the known values; None when there are none (mu of a run without M(x))."""
     known = [v for v in values if v is not None]
@@ -144,7 +170,8 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: is a file, not a folder (-o is the output folder)")
-    cases, _ = input_cases(inputs)
+    cases, folder_input = input_cases(inputs)
+    _check_outside(out, {"input": Path(inputs[0]) if folder_input else None, "--labels": labels})
     outputs = {case.id: case_outputs(case, out, preview) for case in cases}
     label_paths = find_labels(Path(labels), [c.id for c in cases]) if labels else {}
     planned = [p for o in outputs.values() for p in [*o.files.values(), o.preview] if p]
@@ -163,6 +190,9 @@ def rectify_paths(inputs: list[Path], out: Path, model: Path,
     for case_id, label_path in label_paths.items():
         check_label_header(label_path, headers[case_id], spacing)
     n_classes = len(predictor.classes)
+    for label_path in label_paths.values():  # every label's values, before any output
+        check_label_values(read_label(label_path, h5_spacing=spacing).array, n_classes,
+                           label_path)
     rows = []
     for i, case in enumerate(cases, 1):
         log(f"case {i}/{len(cases)}: {case.id}")

@@ -183,11 +183,12 @@ def test_rectify_output_that_is_a_file_or_an_input_is_refused(tmp_path, tiny_run
     _rectify_fails([str(src), "-o", str(src), *run], "is a file, not a folder")
     # OUT/a_rectified.nii.gz would be... the label itself: never replaced, even with --overwrite.
     gt = tmp_path / "gt" / "a.nii.gz"
-    link = tmp_path / "gt" / "a_rectified.nii.gz"
+    link = tmp_path / "o" / "a_rectified.nii.gz"
+    link.parent.mkdir()
     link.symlink_to(gt)
     before = gt.read_bytes()
-    _rectify_fails([str(src), "-o", str(tmp_path / "gt"), *run, "--labels", str(tmp_path / "gt"),
-                    "--overwrite"], "input files are never overwritten")
+    _rectify_fails([str(src), "-o", str(tmp_path / "o"), *run, "--labels", str(tmp_path / "gt"),
+                    "--overwrite"], "output is the input")
     assert gt.read_bytes() == before and link.is_symlink()
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -42,8 +42,13 @@ __all__ = ["prepare_dataset", "load_case", "prepare_case"]
 
 def prepare_dataset(source: Path, out: Path, settings: PrepareSettings, workers: int = 1,
                     overwrite: bool = False, keep_going: bool = False,
-                    case_ids: list[str] | None = None) -> Manifest:
-    """Prepare every case of ``source`` (a dataset folder or one file) into the cache ``out``."""
+                    case_ids: list[str] | None = None,
+                    accept: Callable[[Manifest], None] | None = None) -> Manifest:
+    """Prepare every case of ``source`` (a dataset folder or one file) into the cache ``out``.
+
+    ``accept``: called with the new manifest before ``out`` is changed; what it raises aborts
+    the preparation and leaves ``out`` as it was.
+    """
     source, out = Path(source), Path(out)
     cases = _select(discover_cases(source), case_ids)
     _check_locations(source, out)
@@ -55,6 +60,8 @@ def prepare_dataset(source: Path, out: Path, settings: PrepareSettings, workers:
     if not todo and len(reused) == len(previous) and previous:
         manifest = load_manifest(out)  # nothing changed: leave OUT untouched
         if not manifest.failed:
+            if accept is not None:
+                accept(manifest)
             manifest._skipped = len(reused)
             return manifest
     with output_errors(out):
@@ -70,6 +77,8 @@ def prepare_dataset(source: Path, out: Path, settings: PrepareSettings, workers:
             raise DataError(f"{source}: no case could be prepared; first error: {failed[0][1]}")
         manifest = _build_manifest(source, settings, records + reused, failed)
         save_manifest(manifest, staging)
+        if accept is not None:
+            accept(manifest)
         with output_errors(out):
             _replace(staging, out)
     except BaseException:

@@ -110,9 +110,10 @@ class MetricsLog:
                 handle.write(json.dumps(line) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, warn: bool = True) -> list[dict[str, Any]]:
     """The lines of ``metrics.jsonl``; a damaged last line is dropped with a warning (a write
-    cut short), a damaged line before it is an error naming the file and the line."""
+    cut short; ``warn=False``: silently), a damaged line before it is an error naming the file
+    and the line."""
     if not path.is_file():
         return []
     try:
@@ -128,10 +129,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 raise ValueError("not a metrics line")
         except ValueError:
             if k == len(numbered) - 1:
-                log(f"warning: {path}: line {n} is incomplete (a write cut short); ignored")
+                if warn:
+                    log(f"warning: {path}: line {n} is incomplete (a write cut short); ignored")
                 break
-            raise DataError(f"{path}: line {n} is not a metrics line; the file is damaged"
-                            ) from None
+            raise DataError(f"{path}: line {n} is not a metrics line; the file is damaged "
+                            "(repair or remove that line)") from None
         rows.append(row)
     return rows
 

@@ -24,9 +24,10 @@ import torch
 
 from crlnseg import signals
 from crlnseg.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from crlnseg.console import log
 from crlnseg.data.manifest import load_manifest
 from crlnseg.data.sampling import IterationBatches, make_loader
-from crlnseg.errors import RunFailure
+from crlnseg.errors import DataError, RunFailure
 from crlnseg.inference.choice import describe
 from crlnseg.method.train_step import Batch, train_step
 from crlnseg.settings import RunSettings
@@ -125,7 +126,10 @@ def _checkpoint(plan: RunPlan, d: Dist, state: TrainState, result: TrainResult, 
     if best:
         copy_checkpoint(folder / "last.pt", folder / "best.pt")
     # a plot costs ~0.3 s: with checkpoints, not every log line
-    plot_training(read_metrics(plan.out / "metrics.jsonl"), plan.out / "training.png")
+    try:
+        plot_training(read_metrics(plan.out / "metrics.jsonl"), plan.out / "training.png")
+    except DataError as err:  # a damaged metrics.jsonl must not stop a saved run
+        log(f"warning: training.png not redrawn: {err}")
 
 
 @contextlib.contextmanager

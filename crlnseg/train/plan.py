@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,14 @@ import torch
 from crlnseg import signals
 from crlnseg.console import log
 from crlnseg.data.cache import prepare_dataset
-from crlnseg.data.manifest import is_prepared, load_manifest
+from crlnseg.data.manifest import Manifest, is_prepared, load_manifest
 from crlnseg.data.sampling import check_training_data
 from crlnseg.errors import ConfigError, CrlnsegError, DataError, on_failure
 from crlnseg.io.writers import make_folder
 from crlnseg.settings import RunSettings
 from crlnseg.train import overwrite as aside
 from crlnseg.train import resume as resumption
-from crlnseg.train.logging import environment_info, write_json
+from crlnseg.train.logging import environment_info, read_metrics, write_json
 from crlnseg.train.run_dir import (
     CACHES,
     OUTPUTS,
@@ -83,17 +84,18 @@ def resolve_world(device: str, gpus: int, nproc: int) -> tuple[str, int]:
 
 
 def prepared_folder(folder: Path, cache: Path, settings: RunSettings,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False,
+                    accept: Callable[[Manifest], None] | None = None) -> Path:
     """``folder`` when it is a prepare output, else ``cache`` after preparing it (reused later;
     ``overwrite``: a cache prepared with other settings is replaced, as ``train --overwrite``
-    starts the run afresh)."""
+    starts the run afresh; ``accept``: checks the prepared data before ``cache`` changes)."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder}: no such file or folder")
     if is_prepared(folder):
         return folder
     log(f"preparing {folder} into {cache} (cached for later runs)")
-    prepare_dataset(folder, cache, settings.prepare, overwrite=overwrite)
+    prepare_dataset(folder, cache, settings.prepare, overwrite=overwrite, accept=accept)
     return cache
 
 
@@ -139,15 +141,25 @@ def _check_batch_norm(settings: RunSettings) -> None:
 
 
 def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: Path | None,
-                 val: Path | None, overwrite: bool = False
+                 val: Path | None, overwrite: bool = False, meta: dict[str, Any] | None = None
                  ) -> tuple[RunSettings, Path, Path | None, Path | None, int, dict[str, Any]]:
-    lab_dir = prepared_folder(labelled, out / "prepared" / "labelled", settings, overwrite)
+    """``meta``: a resumed checkpoint's; each input must be the data it was trained on, which
+    is checked before the input's cache in the run folder is replaced."""
+
+    def accept(key: str) -> Callable[[Manifest], None] | None:
+        if meta is None:
+            return None
+        return lambda manifest: resumption.check_resume_set(meta, key,
+                                                            resumption.identity(manifest))
+
+    lab_dir = prepared_folder(labelled, out / "prepared" / "labelled", settings, overwrite,
+                              accept("labelled"))
     lab = load_manifest(lab_dir)
     settings = adopt_dataset(settings, lab, labelled)
     unl_dir = unl = None
     if unlabelled is not None and settings.method.method != "supervised":
         unl_dir = prepared_folder(unlabelled, out / "prepared" / "unlabelled", settings,
-                                  overwrite)
+                                  overwrite, accept("unlabelled"))
         unl = load_manifest(unl_dir)
         if unl.settings != lab.settings:
             raise DataError(f"{unlabelled} was prepared with other settings than {labelled}")
@@ -156,7 +168,8 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
                                    names)
     val_dir = None
     if val is not None:
-        val_dir = prepared_folder(val, out / "prepared" / "val", settings, overwrite)
+        val_dir = prepared_folder(val, out / "prepared" / "val", settings, overwrite,
+                                  accept("val"))
         vm = load_manifest(val_dir)
         if vm.settings != lab.settings:
             raise DataError(f"{val} was prepared with other settings than {labelled}")
@@ -193,9 +206,12 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
     _check_batch_norm(settings)
     aside.settle(out)
     saved = check_run_dir(out, resume, overwrite)
-    if saved is not None:
+    if saved is not None:  # every refusal of a resume before anything in RUN is written
         resumption.check_resume_world(saved["meta"], world)
         resumption.check_resume_prepare(saved["settings"], settings)
+        resumption.check_resume(saved["settings"], settings, int(saved["meta"]["iteration"]),
+                                adopted=False)
+        read_metrics(out / "metrics.jsonl", warn=False)  # a damaged file is refused here
     # What this invocation creates, removed again if the run fails before its first checkpoint.
     parents = [p for p in [out, *out.parents] if not p.exists()]
     caches = [c for c in [out / "prepared", *(out / "prepared" / n for n in CACHES)]
@@ -211,7 +227,8 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
         # A resumed run's own caches follow its saved settings (an --overwrite that failed
         # may have re-prepared them with others); --resume refuses other prepare settings.
         settings, lab_dir, unl_dir, val_dir, channels, data = _load_inputs(
-            settings, out, labelled, unlabelled, val, overwrite or saved is not None)
+            settings, out, labelled, unlabelled, val, overwrite or saved is not None,
+            None if saved is None else saved["meta"])
         if saved is not None:
             resumption.check_resume(saved["settings"], settings, int(saved["meta"]["iteration"]))
             resumption.check_resume_data(saved["meta"], data)

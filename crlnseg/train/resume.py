@@ -9,7 +9,9 @@ from crlnseg.errors import ConfigError
 from crlnseg.settings import RunSettings
 
 __all__ = ["RESUME_MAY_CHANGE", "identity", "check_resume", "check_resume_world",
-           "check_resume_data", "check_resume_prepare"]
+           "check_resume_data", "check_resume_set", "check_resume_prepare"]
+
+DATA_OPTIONS = {"labelled": "--labelled", "unlabelled": "--unlabelled", "val": "--val"}
 
 # Settings a resumed run may change; anything else would make it a different run.
 RESUME_MAY_CHANGE = ("train.iterations", "train.log_every", "train.checkpoint_every",
@@ -34,11 +36,22 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume(saved: dict[str, Any], settings: RunSettings, done: int) -> None:
-    """Refuse a resume that changes more than RESUME_MAY_CHANGE or shrinks below ``done``."""
+def check_resume(saved: dict[str, Any], settings: RunSettings, done: int,
+                 adopted: bool = True) -> None:
+    """Refuse a resume that changes more than RESUME_MAY_CHANGE or shrinks below ``done``.
+
+    ``adopted=False``: ``settings`` before the dataset's preprocessing, channels and classes
+    are adopted (so that the check can come before anything is prepared); those are then
+    compared only where given explicitly.
+    """
     old, new = _flat(saved), _flat(settings.model_dump(mode="json"))
+    free = set(RESUME_MAY_CHANGE)
+    if not adopted:
+        free |= {k for k in old if k.startswith("prepare.")}  # check_resume_prepare's
+        free |= {f"model.{k}" for k in ("in_channels", "num_classes")
+                 if k not in settings.model.model_fields_set}
     changed = [k for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE]
+               if old.get(k) != new.get(k) and k not in free]
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -62,26 +75,29 @@ def check_resume_world(meta: dict[str, Any], world: int) -> None:
 def check_resume_data(meta: dict[str, Any], data: dict[str, Any]) -> None:
     """A resume must train on the data the checkpoint was trained on (checkpoints written
     before this was recorded are not checked)."""
+    for key in DATA_OPTIONS:
+        check_resume_set(meta, key, data.get(key))
+
+
+def check_resume_set(meta: dict[str, Any], key: str, now: dict[str, Any] | None) -> None:
+    """One input (``labelled``, ``unlabelled``, ``val``) of :func:`check_resume_data`: ``now``
+    its :func:`identity`; usable before the input's cache is written."""
     old = meta.get("data")
-    if not isinstance(old, dict):
-        return
     # --val too: best.pt compares Dice across validations, which must score the same cases.
-    for key, option in (("labelled", "--labelled"), ("unlabelled", "--unlabelled"),
-                        ("val", "--val")):
-        if key not in old:  # recorded by a later version than the checkpoint's
-            continue
-        was, now = old.get(key), data.get(key)
-        if was == now:
-            continue
-        if was is None or now is None:
-            what = f"the run was trained {'without' if was is None else 'with'} {option}"
-        elif was["cases"] != now["cases"]:
-            what = (f"{len(was['cases'])} case(s) before, {len(now['cases'])} now"
-                    if len(was["cases"]) != len(now["cases"]) else "other case IDs")
-        else:
-            what = "same case IDs, other contents"
-        raise ConfigError(f"--resume: {option} is not the data the run was trained on ({what}); "
-                          "resume with the same data, or start a new run")
+    if not isinstance(old, dict) or key not in old:  # not recorded by the checkpoint's version
+        return
+    was, option = old.get(key), DATA_OPTIONS[key]
+    if was == now:
+        return
+    if was is None or now is None:
+        what = f"the run was trained {'without' if was is None else 'with'} {option}"
+    elif was["cases"] != now["cases"]:
+        what = (f"{len(was['cases'])} case(s) before, {len(now['cases'])} now"
+                if len(was["cases"]) != len(now["cases"]) else "other case IDs")
+    else:
+        what = "same case IDs, other contents"
+    raise ConfigError(f"--resume: {option} is not the data the run was trained on ({what}); "
+                      "resume with the same data, or start a new run")
 
 
 def check_resume_prepare(saved: dict[str, Any], settings: RunSettings) -> None:
