@@ -172,10 +172,8 @@ def run_worker(plan: RunPlan) -> TrainResult:
         state = init_state(s, d.device)
         if plan.resume:
             _restore(plan, state, d)
-        if d.enabled:
-            m = s.method
-            distribute(state, d, find_unused_parameters=m.method == "crln"
-                       and m.positive_supervision)
+        if d.enabled:  # the projection head is unused without positive supervision, too
+            distribute(state, d, find_unused_parameters=True)
         dataset = IterationBatches(plan.labelled, plan.unlabelled, t.patch, t.batch_labelled,
                                    t.batch_unlabelled if s.method.method != "supervised" else 0,
                                    s.model.num_classes, t.foreground_oversample, t.seed, d.rank)

@@ -7,8 +7,8 @@ NCCL on CUDA, gloo on the CPU (tests). Every rank samples its own patches.
 
 - The student's objective (:class:`crlnseg.method.train_step.StudentObjective`) runs inside
   :class:`torch.nn.parallel.DistributedDataParallel`: gradients are averaged over ranks by DDP's
-  bucketed all-reduce, overlapped with the backward pass. ``find_unused_parameters`` is on when
-  positive supervision is: with fewer than two valid classes it uses no projection parameter.
+  bucketed all-reduce, overlapped with the backward pass. ``find_unused_parameters`` is on: without
+  positive supervision (or with fewer than two valid classes) no projection parameter is used.
 - mu has its own optimiser and backward pass (on detached inputs): its scalar gradient is
   averaged by an explicit all-reduce (a gradient hook), outside DDP.
 - BatchNorm statistics of student and teacher follow rank 0 after each step
