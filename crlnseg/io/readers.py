@@ -4,6 +4,7 @@ SimpleITK reads every file format (NIfTI, NRRD, MetaImage) so geometry follows o
 (ITK/LPS); for NIfTI the nibabel header is kept as ``Volume.header`` so that masks are written back
 with the source's own qform/sform (see :mod:`crlnseg.io.writers`). HDF5 case files (community
 layout, ``image``/``label`` datasets already in x-y-z order) store no geometry: spacing is given.
+A folder holding one DICOM series is read as one image (see :mod:`crlnseg.io.dicom`).
 Every problem is a one-line :class:`DataError` ``"<path>: <problem>"``. A header that claims more
 voxels than the file can hold is refused from its size before anything is allocated (and a short
 read says so too), and so is a geometry no grid can have (spacing not positive and finite,
@@ -47,10 +48,18 @@ class Header:
 
 
 def read_image(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Volume:
-    """One image file; 3D -> ``(X, Y, Z)``, a 4D channel stack -> ``(C, X, Y, Z)``."""
+    """One image file (or DICOM series folder); 3D -> ``(X, Y, Z)``, a 4D channel stack ->
+    ``(C, X, Y, Z)``."""
     path = Path(path)
     if is_h5_file(path):
         return read_h5_case(path, h5_spacing)[0]
+    if path.is_dir():
+        from crlnseg.io.dicom import read_series
+
+        volume = read_series(path)
+        _check_shape(volume.array.shape, path)
+        _check_finite(volume.array, path)
+        return volume
     if not path.is_file():
         raise DataError(f"{path}: {missing_reason(path, 'no such file')}")
     array, geometry = _read_sitk(path)
@@ -121,6 +130,12 @@ def read_header(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> He
     path = Path(path)
     if is_h5_file(path):
         return _h5_header(path, h5_spacing)
+    if path.is_dir():
+        from crlnseg.io.dicom import scan_series
+
+        series = scan_series(path)
+        _check_shape(series.shape, path)
+        return Header(path, series.shape, series.geometry)
     if not path.is_file():
         raise DataError(f"{path}: {missing_reason(path, 'no such file')}")
     import SimpleITK as sitk
