@@ -72,8 +72,8 @@ class PrepareSettings(Strict):
     @field_validator("target_spacing", "h5_spacing")
     @classmethod
     def _positive_spacing(cls, spacing: Triple | None) -> Triple | None:
-        if spacing is not None and min(spacing) <= 0:
-            raise ValueError(f"spacing must be positive, got {spacing}")
+        if spacing is not None and not all(0 < s < float("inf") for s in spacing):  # NaN too
+            raise ValueError(f"spacing must be positive and finite, got {spacing}")
         return spacing
 
     @field_validator("ct_window")

@@ -9,8 +9,14 @@ Layouts, detected in this order:
 (d) a folder of HDF5 cases ``<ID>/mri_norm2.h5`` (datasets ``image`` and ``label``); a case folder
     holding one ``.h5`` file is itself accepted. The label lives inside the file, so
     ``CaseFiles.label`` is the ``.h5`` path itself (see :attr:`CaseFiles.label_in_image`).
+(e) a folder whose files are one DICOM series (one case, named after the folder), and a folder of
+    such folders ``<ID>/`` (as (d)). Under ``images/``, series folders ``images/<ID>/`` are cases
+    too, their labels ``labels/<ID>.nii.gz`` (or a series folder ``labels/<ID>/``). The series
+    folder itself stands for the image file (``CaseFiles.images == [folder]``). A folder holding
+    DICOM files and image files side by side is refused as ambiguous.
 
-Case IDs come from file names without extension and channel suffix; results are sorted by ID.
+Case IDs come from file names without extension and channel suffix (a series folder's whole name:
+DICOM folders are often named after UIDs such as ``1.2.840.1``); results are sorted by ID.
 A symbolic link whose target is missing is an error, never skipped: splits are often folders of
 links, and a silently smaller split would go unnoticed. So is a symbolic link cycle (``a -> b``,
 ``b -> a``), and a folder link that leads back to a folder containing it where discovery would
@@ -19,6 +25,7 @@ descend into it.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +35,7 @@ from crlnseg.io.paths import (
     H5_SUFFIXES,
     IMAGE_SUFFIXES,
     channel_index,
+    holds_dicom,
     is_h5_file,
     is_image_file,
     missing_reason,
@@ -70,10 +78,10 @@ def discover_cases(folder: Path, require_labels: bool = False,
         _refuse_loops(folder, "images", "labels")
         cases = _paired(folder / "images", folder / "labels", channels)
     else:
-        cases = _flat(folder, channels) or _h5_folders(folder)
+        cases = _dicom_folder(folder) or _flat(folder, channels) or _case_folders(folder)
     if not cases:
         raise DataError(f"{folder}: no cases found (expected images/ + labels/, imagesTr/, "
-                        "image files, or <ID>/mri_norm2.h5 folders)")
+                        "image files, <ID>/mri_norm2.h5 folders, or DICOM series folders)")
     _check_channels(cases)
     if require_labels:
         missing = [c.id for c in cases if c.label is None]
@@ -83,9 +91,12 @@ def discover_cases(folder: Path, require_labels: bool = False,
 
 
 def discover_single(path: Path, channels: bool = True) -> CaseFiles:
-    """One image file (or one HDF5 case file) as a case; the ID comes from its name (without an
-    nnU-Net channel suffix unless ``channels`` is False: masks have no channels)."""
+    """One image file (or one HDF5 case file, or one DICOM series folder) as a case; the ID comes
+    from its name (without an nnU-Net channel suffix unless ``channels`` is False: masks have no
+    channels)."""
     path = Path(path)
+    if path.is_dir() and holds_dicom(path):
+        return _dicom_folder(path)[0]
     if not path.is_file():
         raise DataError(f"{path}: {missing_reason(path)}")
     if is_h5_file(path):
@@ -112,6 +123,26 @@ def _h5_case(path: Path) -> CaseFiles:
     stem = split_suffix(path)[0]
     case_id = path.parent.name if stem == "mri_norm2" else stem
     return CaseFiles(id=case_id, images=[path], label=path if h5_has_label(path) else None)
+
+
+def _dicom_folder(folder: Path) -> list[CaseFiles]:
+    """``[case]`` for a folder of DICOM files (ID: the folder's name), else ``[]``; DataError when
+    image or HDF5 files lie beside them."""
+    if not holds_dicom(folder):
+        return []
+    others = [p for p in _entries(folder) if is_image_file(p) or (p.is_file() and is_h5_file(p))]
+    if others:
+        raise DataError(f"{folder}: both DICOM files and image files ({others[0].name}) in one "
+                        "folder, which is ambiguous; keep the DICOM series in a folder of its own")
+    name = folder.name or Path(os.path.abspath(folder)).name
+    return [CaseFiles(id=name, images=[folder])]
+
+
+def _series_folders(folder: Path) -> list[Path]:
+    """The sub-folders of ``folder`` holding DICOM files (each one series)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in _entries(folder) if p.is_dir() and holds_dicom(p)]
 
 
 def _refuse_loops(folder: Path, *names: str) -> None:
@@ -165,7 +196,7 @@ def _match_labels(images: dict[str, list[Path]], labels: list[Path]) -> dict[str
     """Label file per case ID; a label whose case has no image is an error."""
     matched: dict[str, Path] = {}
     for path in labels:
-        stem = split_suffix(path)[0]
+        stem = path.name if path.is_dir() else split_suffix(path)[0]
         case_id = stem if stem in images else strip_channel(stem)
         if case_id not in images:
             raise DataError(f"{path}: label without image (no case '{case_id}')")
@@ -184,7 +215,12 @@ def _paired(images_dir: Path, labels_dir: Path, channels: bool = True) -> list[C
     files = _files(images_dir)
     split = channels and _has_channels(files)
     images = _group_images(files, split_channels=split)
-    labels = _match_labels(images, _files(labels_dir))
+    for series in _series_folders(images_dir):
+        case = _dicom_folder(series)[0]
+        if case.id in images:
+            raise DataError(f"{series}: duplicate case ID '{case.id}' (also {images[case.id][0]})")
+        images[case.id] = case.images
+    labels = _match_labels(images, _files(labels_dir) + _series_folders(labels_dir))
     return [CaseFiles(cid, paths, labels.get(cid)) for cid, paths in images.items()]
 
 
@@ -207,15 +243,15 @@ def _flat(folder: Path, channels: bool = True) -> list[CaseFiles]:
     return _unique(cases)
 
 
-def _h5_folders(folder: Path) -> list[CaseFiles]:
+def _case_folders(folder: Path) -> list[CaseFiles]:
+    """Case folders: ``<ID>/mri_norm2.h5`` (one HDF5 file each) or ``<ID>/`` DICOM series."""
     cases = []
     for sub in (p for p in _entries(folder) if p.is_dir()):
         _refuse_loops(folder, sub.name)
         found = [p for p in _entries(sub) if p.is_file() and is_h5_file(p)]
         if len(found) > 1:
             raise DataError(f"{sub}: {len(found)} HDF5 files in one case folder, expected one")
-        if found:
-            cases.append(_h5_case(found[0]))
+        cases += [_h5_case(found[0])] if found else _dicom_folder(sub)
     return _unique(cases)
 
 

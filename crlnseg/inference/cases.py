@@ -20,7 +20,10 @@ def is_image_path(path: Path) -> bool:
 
 
 def output_extension(case: CaseFiles) -> str:
-    """Outputs keep the input's own image extension; HDF5 inputs give NIfTI."""
+    """Outputs keep the input's own image extension; HDF5 inputs and DICOM series folders give
+    NIfTI."""
+    if case.images[0].is_dir():  # a DICOM series (a folder named "1.2.840.5" has no extension)
+        return ".nii.gz"
     ext = split_suffix(case.images[0])[1]
     return ext if ext.lower() in IMAGE_SUFFIXES else ".nii.gz"
 

@@ -1,4 +1,4 @@
-"""File-name conventions of medical images: known extensions and case IDs.
+"""File-name conventions of medical images: known extensions, DICOM files and case IDs.
 
 Kept free of heavy imports so that case discovery (and ``crlnseg --help``) stays fast.
 """
@@ -23,12 +23,20 @@ __all__ = [
     "symlink_cycle",
     "points_above",
     "missing_reason",
+    "DICOM_SUFFIXES",
+    "is_dicom_file",
+    "dicom_files",
+    "holds_dicom",
 ]
 
 # Longest first so ".nii.gz" wins over ".gz"-less ".nii".
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 H5_SUFFIXES = (".h5", ".hdf5")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# DICOM files are told by content (the "DICM" magic after the 128-byte preamble); files with
+# these extensions count too (old files without a preamble).
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_DICOM_MAGIC_AT = 128
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -56,6 +64,37 @@ def is_h5_file(path: Path) -> bool:
 
 def is_nifti(path: Path | str) -> bool:
     return split_suffix(path)[1].lower() in NIFTI_SUFFIXES
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A visible regular file with the DICOM magic (or a DICOM extension); reads 132 bytes."""
+    path = Path(path)
+    if path.name.startswith(".") or not path.is_file() or is_image_file(path) or is_h5_file(path):
+        return False
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(_DICOM_MAGIC_AT)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (sorted by name); [] for a non-folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if is_dicom_file(p))
+
+
+def holds_dicom(folder: Path) -> bool:
+    """Whether ``folder`` directly holds at least one DICOM file (stops at the first)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return any(is_dicom_file(p) for p in folder.iterdir())
 
 
 def channel_index(stem: str) -> int | None:

@@ -4,14 +4,16 @@ SimpleITK reads every file format (NIfTI, NRRD, MetaImage) so geometry follows o
 (ITK/LPS); for NIfTI the nibabel header is kept as ``Volume.header`` so that masks are written back
 with the source's own qform/sform (see :mod:`crlnseg.io.writers`). HDF5 case files (community
 layout, ``image``/``label`` datasets already in x-y-z order) store no geometry: spacing is given.
+A folder holding one DICOM series is read as one image (see :mod:`crlnseg.io.dicom`).
 Every problem is a one-line :class:`DataError` ``"<path>: <problem>"``. A header that claims more
 voxels than the file can hold is refused from its size before anything is allocated (and a short
-read says so too); what the C++ readers print on stderr beside their errors is not shown.
+read says so too), and so is a geometry no grid can have (spacing not positive and finite,
+direction not orthonormal; see :mod:`crlnseg.io.integrity`). What the C++ readers print on stderr
+and what nibabel warns or logs is not shown: the checks here say what matters.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,9 @@ __all__ = ["read_image", "read_h5_case", "read_case_images", "read_label", "read
            "GEOMETRY_TOL"]
 
 MAX_CHANNELS = 16  # a 4D file with more volumes is a time series, not a stack of modalities
+_sitk_reason, _first_line = integrity.sitk_reason, integrity.first_line
+_describe = Geometry.describe
+
 
 @dataclass(frozen=True)
 class Header:
@@ -43,10 +48,18 @@ class Header:
 
 
 def read_image(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Volume:
-    """One image file; 3D -> ``(X, Y, Z)``, a 4D channel stack -> ``(C, X, Y, Z)``."""
+    """One image file (or DICOM series folder); 3D -> ``(X, Y, Z)``, a 4D channel stack ->
+    ``(C, X, Y, Z)``."""
     path = Path(path)
     if is_h5_file(path):
         return read_h5_case(path, h5_spacing)[0]
+    if path.is_dir():
+        from crlnseg.io.dicom import read_series
+
+        volume = read_series(path)
+        _check_shape(volume.array.shape, path)
+        _check_finite(volume.array, path)
+        return volume
     if not path.is_file():
         raise DataError(f"{path}: {missing_reason(path, 'no such file')}")
     array, geometry = _read_sitk(path)
@@ -61,7 +74,7 @@ def read_h5_case(path: Path, spacing: Sequence[float] = (1.0, 1.0, 1.0)
     import h5py
 
     path = Path(path)
-    geometry = Geometry(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    geometry = _h5_geometry(path, spacing)
     try:
         with h5py.File(path, "r") as f:
             if "image" not in f:
@@ -70,7 +83,7 @@ def read_h5_case(path: Path, spacing: Sequence[float] = (1.0, 1.0, 1.0)
             label = np.asarray(f["label"][()]) if "label" in f else None
     except OSError as err:
         raise DataError(f"{path}: unreadable HDF5 file ({_first_line(err)})") from None
-    _check_dims(image, path)
+    _check_shape(image.shape, path)
     _check_finite(image, path)
     image_vol = Volume(array=image, geometry=geometry, path=path)
     if label is None:
@@ -117,16 +130,23 @@ def read_header(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> He
     path = Path(path)
     if is_h5_file(path):
         return _h5_header(path, h5_spacing)
+    if path.is_dir():
+        from crlnseg.io.dicom import scan_series
+
+        series = scan_series(path)
+        _check_shape(series.shape, path)
+        return Header(path, series.shape, series.geometry)
     if not path.is_file():
         raise DataError(f"{path}: {missing_reason(path, 'no such file')}")
     import SimpleITK as sitk
 
     from crlnseg.io.writers import native_stderr_held
 
+    integrity.check_nifti_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        with native_stderr_held():
+        with native_stderr_held(replay=False):  # header oddities: checked here instead
             reader.ReadImageInformation()
     except RuntimeError as err:
         raise DataError(f"{path}: unreadable or corrupt image ({_sitk_reason(err)})") from None
@@ -139,11 +159,7 @@ def read_header(path: Path, h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> He
     shape = ((components, *size) if components > 1
              else (size[3], *size[:3]) if dim == 4 else size)
     _check_shape(shape, path)
-    direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3]
-    geometry = Geometry(spacing=tuple(float(x) for x in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
-                        origin=tuple(float(x) for x in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
-                        direction=tuple(float(d) + 0.0 for d in direction.ravel()))
-    return Header(path, shape, geometry)
+    return Header(path, shape, _reader_geometry(reader, dim, path))
 
 
 def check_case_headers(paths: Sequence[Path], h5_spacing: Sequence[float] = (1.0, 1.0, 1.0)
@@ -206,7 +222,7 @@ def _check_label_grid(shape: tuple[int, ...], geometry: Geometry, where: Path | 
 def _h5_header(path: Path, spacing: Sequence[float]) -> Header:
     import h5py
 
-    geometry = Geometry(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    geometry = _h5_geometry(path, spacing)
     try:
         with h5py.File(path, "r") as f:
             if "image" not in f:
@@ -219,6 +235,12 @@ def _h5_header(path: Path, spacing: Sequence[float]) -> Header:
     if label is not None and len(label) != 3:
         raise DataError(f"{path}: label has {len(label)} dimensions {label}, expected 3")
     return Header(path, shape, geometry)
+
+
+def _h5_geometry(path: Path, spacing: Sequence[float]) -> Geometry:
+    """HDF5 cases store no geometry: the given spacing, checked as a header's would be."""
+    integrity.check_geometry(path, spacing, fix="fix h5_spacing")
+    return Geometry(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
 
 
 def read_label(source: Path | Volume, reference: Volume | None = None,
@@ -255,21 +277,23 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
 
     from crlnseg.io.writers import native_stderr_held
 
+    integrity.check_nifti_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     printed: list[str] = []
     try:
-        with native_stderr_held():
+        with native_stderr_held(replay=False):  # header oddities: checked here instead
             reader.ReadImageInformation()
         dim, vector = reader.GetDimension(), reader.GetNumberOfComponents() > 1
         if dim != 3 and not (dim == 4 and not vector):
             kind = f"{dim}D {'vector ' * vector}image"
             raise DataError(f"{path}: {kind} of size {reader.GetSize()}, expected 3D")
+        geometry = _reader_geometry(reader, dim, path)  # before ITK refuses it as it reads
         integrity.check_claimed_size(path, reader)
         if is_nifti(path):
             array = _nifti_voxels(path)
         else:
-            with native_stderr_held() as printed:
+            with native_stderr_held(replay=False) as printed:
                 image = reader.Execute()
             array = _sitk_order(sitk.GetArrayFromImage(image), dim, vector)
     except RuntimeError as err:
@@ -281,12 +305,18 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
             raise RunFailure(f"{path}: out of memory reading {size} voxels "
                              f"({integrity.claimed_bytes(reader) / 2**30:.1f} GiB)") from None
         raise DataError(f"{path}: unreadable or corrupt image ({_sitk_reason(err)})") from None
-    _check_dims(array, path)
+    _check_shape(array.shape, path)
+    return array, geometry
+
+
+def _reader_geometry(reader, dim: int, path: Path) -> Geometry:
+    """The spatial geometry of a SimpleITK reader after ReadImageInformation, checked."""
     direction = np.asarray(reader.GetDirection()).reshape(dim, dim)[:3, :3]
     geometry = Geometry(spacing=tuple(float(s) for s in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
                         origin=tuple(float(o) for o in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
                         direction=tuple(float(d) + 0.0 for d in direction.ravel()))
-    return array, geometry
+    integrity.check_geometry(path, geometry.spacing, geometry.origin, geometry.direction)
+    return geometry
 
 
 def _sitk_order(array: np.ndarray, dim: int, vector: bool) -> np.ndarray:
@@ -303,8 +333,7 @@ def _nifti_voxels(path: Path) -> np.ndarray:
 
     shape: tuple[int, ...] = ()
     try:
-        with warnings.catch_warnings():  # header oddities: SimpleITK read the header already
-            warnings.simplefilter("ignore")
+        with integrity.quiet_nibabel():  # header oddities: checked before
             image = nib.load(str(path))
             shape = tuple(image.shape)
             array = np.asarray(image.dataobj)
@@ -320,16 +349,6 @@ def _nifti_voxels(path: Path) -> np.ndarray:
     if array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector layout (X, Y, Z, 1, C)
         array = array[:, :, :, 0]
     return np.moveaxis(array, -1, 0) if array.ndim == 4 else array
-
-
-
-
-
-
-
-
-def _check_dims(array: np.ndarray, path: Path) -> None:
-    _check_shape(array.shape, path)
 
 
 def _check_shape(shape: tuple[int, ...], path: Path) -> None:
@@ -354,9 +373,14 @@ def _nifti_header(path: Path):  # -> nibabel.Nifti1Header | None
     import nibabel as nib
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return nib.load(str(path)).header.copy()
+        with integrity.quiet_nibabel():
+            header = nib.load(str(path)).header.copy()
+            raw = integrity.raw_nifti_header(path)
+        if raw is not None:  # nibabel sets a qfac other than +-1 to 1, SimpleITK to its sign
+            pixdim = header["pixdim"].copy()
+            pixdim[0] = -1.0 if raw["pixdim"][0] < 0 else 1.0
+            header["pixdim"] = pixdim
+        return header
     except Exception as err:  # noqa: BLE001 - SimpleITK read the file; the header is a bonus
         from crlnseg.console import log
 
@@ -368,21 +392,3 @@ def _nifti_header(path: Path):  # -> nibabel.Nifti1Header | None
 def _non_integer(arr: np.ndarray) -> str:
     values = arr[arr != np.round(arr)]
     return f"{values.flat[0]:g}"
-
-
-def _describe(g: Geometry) -> str:
-    fmt = lambda xs: "(" + ", ".join(f"{x:.4g}" for x in xs) + ")"  # noqa: E731
-    return f"spacing {fmt(g.spacing)}, origin {fmt(g.origin)}, direction {fmt(g.direction)}"
-
-
-def _sitk_reason(err: Exception) -> str:
-    # SimpleITK messages span many lines ("sitk::ERROR: ..."); keep the most telling one.
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    for line in lines:
-        if "ERROR" in line or "error" in line.lower():
-            return line.split("ERROR:")[-1].strip()[:200]
-    return (lines[-1] if lines else type(err).__name__)[:200]
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0][:200]

@@ -33,6 +33,12 @@ class Geometry:
         b = np.r_[other.spacing, other.origin, other.direction]
         return bool(np.allclose(a, b, rtol=0.0, atol=tol))
 
+    def describe(self) -> str:
+        """``"spacing (0.7, 1, 2.5), origin (...), direction (...)"`` (4 significant digits)."""
+        fmt = lambda xs: "(" + ", ".join(f"{x:.4g}" for x in xs) + ")"  # noqa: E731
+        return (f"spacing {fmt(self.spacing)}, origin {fmt(self.origin)}, "
+                f"direction {fmt(self.direction)}")
+
 
 @dataclass
 class Volume:
