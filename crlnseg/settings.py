@@ -62,9 +62,12 @@ class Strict(BaseModel):
 class PrepareSettings(Strict):
     """How raw scans become the training cache (``crlnseg prepare``)."""
 
-    target_spacing: Triple | None = Field(None, description="resample to this spacing in mm (X Y Z); None keeps each case's spacing")
-    normalize: Literal["zscore", "ct", "minmax", "none"] = Field("zscore", description="per-case intensity normalisation")
-    ct_window: tuple[float, float] = Field((-1000.0, 1000.0), description="clip window (HU) for normalize=ct")
+    orientation: Literal["canonical", "input"] = Field("canonical", description="canonical: transpose and flip every case to the closest RAS axis order first (never resampled; outputs go back to the input's order); input: keep each file's array order")
+    target_spacing: Triple | None = Field(None, description="resample to this spacing in mm (X Y Z, canonical axes); planned from the dataset unless set (train.plan); None without a plan keeps each case's spacing")
+    normalize: Literal["zscore", "ct", "minmax", "none"] = Field("zscore", description="intensity normalisation; planned (ct for CT data, else per-case zscore) unless set")
+    modality: Literal["auto", "ct", "other"] = Field("auto", description="what the plan normalises for; auto: CT when dataset.json names every channel CT (nnU-Net's channel_names)")
+    ct_window: tuple[float, float] = Field((-1000.0, 1000.0), description="clip window (HU) for normalize=ct; planned: the 0.5 / 99.5 percentiles of the labelled foreground")
+    ct_stats: tuple[float, float] | None = Field(None, description="mean and std for normalize=ct, after clipping; planned: those of the labelled foreground of the whole dataset; None: each case's own")
     crop_nonzero: bool = Field(False, description="crop each case to the bounding box of its non-zero image voxels")
     interpolation: Literal["linear", "bspline"] = Field("bspline", description="image resampling (labels: nearest): linear or cubic B-spline as nnU-Net")
     h5_spacing: Triple = Field((1.0, 1.0, 1.0), description="spacing assumed for HDF5 cases, which store none")
@@ -75,6 +78,13 @@ class PrepareSettings(Strict):
         if spacing is not None and not all(0 < s < float("inf") for s in spacing):  # NaN too
             raise ValueError(f"spacing must be positive and finite, got {spacing}")
         return spacing
+
+    @field_validator("ct_stats")
+    @classmethod
+    def _positive_std(cls, stats: tuple[float, float] | None) -> tuple[float, float] | None:
+        if stats is not None and not (math.isfinite(stats[0]) and 0 < stats[1] < float("inf")):
+            raise ValueError(f"needs a finite mean and a positive std, got {stats}")
+        return stats
 
     @field_validator("ct_window")
     @classmethod
@@ -167,6 +177,7 @@ class TrainSettings(Strict):
     """The loop around one CRLN iteration (``crlnseg train``)."""
 
     iterations: int = Field(40000, ge=1, description="training iterations")
+    plan: bool = Field(True, description="fill prepare.target_spacing, prepare.normalize (and the CT window and statistics), model.strides, model.kernels and train.patch from the dataset fingerprint where no preset, file, option or --set gives them (crlnseg plan)")
     patch: IntTriple = Field((112, 112, 80), description="crop size X Y Z (multiples of the model's total stride, 16 by default)")
     batch_labelled: int = Field(2, ge=1, description="labelled crops per iteration (per process)")
     batch_unlabelled: int = Field(2, ge=0, description="unlabelled crops per iteration (per process)")

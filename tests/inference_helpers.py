@@ -72,18 +72,24 @@ def blob_image(shape=(20, 18, 12), seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 def make_tiny_run(folder: Path, channels: int = 1, inference: dict | None = None,
-                  method: str = "crln") -> Path:
+                  method: str = "crln", prepare: dict | None = None) -> Path:
     """A real (untrained) crlnseg run: base filters 4, R 2, F 8, patch 16^3; ``inference``: a
     validated blending choice stored as training stores it (crlnseg.inference.choice)."""
     from crlnseg.checkpoint import save_checkpoint
-    from crlnseg.settings import MethodSettings, ModelSettings, RunSettings, TrainSettings
+    from crlnseg.settings import (
+        MethodSettings,
+        ModelSettings,
+        PrepareSettings,
+        RunSettings,
+        TrainSettings,
+    )
     from crlnseg.train.state import init_state, state_to_dict
 
     settings = RunSettings(
         model=ModelSettings(in_channels=channels, base_filters=4, prototypes_per_class=2,
                             prototype_dim=8),
         train=TrainSettings(patch=(16, 16, 16), device="cpu", seed=3),
-        method=MethodSettings(method=method))
+        method=MethodSettings(method=method), prepare=PrepareSettings(**(prepare or {})))
     state = init_state(settings, torch.device("cpu"))
     with torch.no_grad():
         state.teacher.mu_raw.fill_(0.25)  # rectified output != raw output

@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [
     ["io", "nets", "checkpoint"],
     ["data", "method"],
     ["inference", "train"],
-    ["synthetic", "prepare", "predict", "rectify", "evaluate", "demo"],
+    ["synthetic", "prepare", "plan", "predict", "rectify", "evaluate", "demo"],
     ["cli", "__main__"],
 ]
 

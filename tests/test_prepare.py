@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crlnseg.cli.app import app
-from crlnseg.data.manifest import is_prepared, load_manifest
+from crlnseg.data.manifest import FORMAT_VERSION, is_prepared, load_manifest
 from crlnseg.data.preprocessing import preprocess, restore
 from crlnseg.errors import DataError
 from crlnseg.io import Geometry, Volume
@@ -77,7 +77,8 @@ def test_prepare_writes_memory_mappable_cache(tmp_path: Path) -> None:
     assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
     assert abs(float(image.mean())) < 0.05 and abs(float(image.std()) - 1) < 0.05
     data = json.loads((out / "dataset.json").read_text())
-    assert data["format_version"] == 1 and data["settings"]["target_spacing"] == [3.0, 3.0, 3.0]
+    assert data["format_version"] == FORMAT_VERSION
+    assert data["settings"]["target_spacing"] == [3.0, 3.0, 3.0]
     fg = data["fingerprint"]["intensity_foreground"][0]
     assert 250 < fg["mean"] < 350 and data["fingerprint"]["labelled"] == 3
 
@@ -265,7 +266,7 @@ def test_restore_maps_back_to_the_input_grid(settings: PrepareSettings) -> None:
 
 def test_ct_normalisation_clips_then_zscores() -> None:
     image = np.linspace(-2000, 2000, 16 * 14 * 12, dtype=np.float32).reshape(SHAPE)
-    settings = PrepareSettings(normalize="ct", ct_window=(-100.0, 300.0))
+    settings = PrepareSettings(normalize="ct", ct_window=(-100.0, 300.0), orientation="input")
     out = preprocess(Volume(image), None, settings).image[0]
     clipped = np.clip(image, -100, 300)
     np.testing.assert_allclose(out, (clipped - clipped.mean()) / clipped.std(), atol=1e-4)

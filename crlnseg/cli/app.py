@@ -46,9 +46,9 @@ def _root(
 
 def _register() -> None:
     # Each module defines ``register(app)``; importing them is cheap (no torch at import time).
-    from crlnseg.cli import demo, evaluate, predict, prepare, rectify, train
+    from crlnseg.cli import demo, evaluate, plan, predict, prepare, rectify, train
 
-    for module in (prepare, train, rectify, predict, evaluate, demo):
+    for module in (prepare, plan, train, rectify, predict, evaluate, demo):
         module.register(app)
     for command in app.registered_commands:  # flags shown bare in every command's help
         if command.cls in (None, TyperCommand):

@@ -16,16 +16,21 @@ def register(app: typer.Typer) -> None:
         source: Path = typer.Argument(..., help="Dataset folder (images/+labels/, nnU-Net "
                                       "imagesTr/, flat images, <ID>/mri_norm2.h5) or one file."),
         out: Path = typer.Option(..., "--out", "-o", help="Output cache folder."),
-        target_spacing: tuple[float, float, float] = typer.Option(
-            None, metavar="X Y Z", help="Resample to this spacing in mm (default: keep)."),
-        normalize: str = typer.Option("zscore", help="zscore | ct | minmax | none."),
-        ct_window: tuple[float, float] = typer.Option(
-            (-1000.0, 1000.0), metavar="LO HI", help="Clip window for --normalize ct."),
-        crop_nonzero: bool = typer.Option(
-            False, "--crop-nonzero", help="Crop to the box of non-zero voxels."),
-        interpolation: str = typer.Option("bspline", help="Image resampling: bspline | linear."),
-        h5_spacing: tuple[float, float, float] = typer.Option(
-            (1.0, 1.0, 1.0), metavar="X Y Z", help="Spacing of HDF5 cases (they store none)."),
+        target_spacing: tuple[float, float, float] | None = typer.Option(
+            None, metavar="X Y Z", help="Resample to this spacing in mm (default: planned, the "
+            "per-axis median; with --no-plan: keep each case's)."),
+        normalize: str | None = typer.Option(
+            None, help="zscore | ct | minmax | none (default: planned, ct for CT, else zscore)."),
+        modality: str | None = typer.Option(None, help="auto | ct | other (auto: dataset.json)."),
+        ct_window: tuple[float, float] | None = typer.Option(
+            None, metavar="LO HI", help="Clip window for --normalize ct (planned for CT)."),
+        crop_nonzero: bool | None = typer.Option(
+            None, "--crop-nonzero", help="Crop to the box of non-zero voxels."),
+        interpolation: str | None = typer.Option(None, help="Image resampling: bspline | linear."),
+        h5_spacing: tuple[float, float, float] | None = typer.Option(
+            None, metavar="X Y Z", help="Spacing of HDF5 cases (they store none; default 1 1 1)."),
+        plan: bool = typer.Option(True, "--plan/--no-plan",
+                                  help="Plan what no option gives from the dataset."),
         workers: int = typer.Option(1, "--workers", "-j", min=1, help="Parallel processes."),
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Replace a cache made with other settings."),
@@ -37,12 +42,13 @@ def register(app: typer.Typer) -> None:
         from crlnseg.prepare import prepare, summary
         from crlnseg.settings import PrepareSettings
 
+        given = {"target_spacing": target_spacing, "normalize": normalize, "modality": modality,
+                 "ct_window": ct_window, "crop_nonzero": crop_nonzero,
+                 "interpolation": interpolation, "h5_spacing": h5_spacing}
         try:
-            settings = PrepareSettings(
-                target_spacing=target_spacing, normalize=normalize, ct_window=ct_window,
-                crop_nonzero=crop_nonzero, interpolation=interpolation, h5_spacing=h5_spacing)
+            settings = PrepareSettings(**{k: v for k, v in given.items() if v is not None})
         except ValidationError as err:
             raise option_error(err) from None
         manifest = prepare(source, out, settings, workers=workers, overwrite=overwrite,
-                           keep_going=keep_going)
+                           keep_going=keep_going, plan=plan)
         print(summary(manifest, out))

@@ -16,7 +16,8 @@ HELP = "\n\n".join([
     "Train a model on labelled and unlabelled scans (CRLN, mean teacher or supervised).",
     "--labelled / --unlabelled / --val take raw folders (the layouts prepare reads) or prepare "
     "outputs; raw folders are prepared into RUN_DIR/prepared (reused by later runs).",
-    "Settings: defaults < --preset < --config FILE (YAML/JSON) < options < --set key=value "
+    "Settings: defaults < the dataset's plan (target spacing, normalisation, pooling, patch: "
+    "crlnseg plan) < --preset < --config FILE (YAML/JSON) < options < --set key=value "
     "(e.g. --set method.xi=0.9 --set train.patch=96,96,96). --print-config shows the result.",
     "RUN_DIR gets settings.json, environment.json, metrics.jsonl, training.png and checkpoints/ "
     "(last.pt, iter_<N>.pt, best.pt with --val). SIGINT/SIGTERM save last.pt and exit with "
@@ -69,12 +70,14 @@ def register(app: typer.Typer) -> None:
                                        help="Override any setting: section.key=value "
                                             "(repeatable)."),
         print_config: bool = typer.Option(False, "--print-config", help="Print the resolved "
-                                          "settings as JSON and exit (model.in_channels, "
-                                          "model.num_classes and prepare.* are taken from the "
-                                          "labelled data when training starts)."),
+                                          "settings as JSON and exit, with --labelled the "
+                                          "dataset's plan and its reasons on stderr "
+                                          "(model.in_channels and model.num_classes are taken "
+                                          "from the labelled data when training starts)."),
         as_json: bool = typer.Option(False, "--json", help="Print the JSON result on stdout "
                                      "even on a terminal (always printed when piped)."),
     ) -> None:
+        from crlnseg import plan as plan_stage
         from crlnseg.errors import ConfigError
         from crlnseg.train import result_json, run_settings, summary
         from crlnseg.train import train as run_train
@@ -84,7 +87,11 @@ def register(app: typer.Typer) -> None:
                              "batch_labelled": batch_labelled, "device": device, "amp": amp,
                              "batch_unlabelled": batch_unlabelled, "log_every": log_every}}
         settings = run_settings(preset, config, options, sets, output if resume else None)
-        if print_config:
+        if print_config:  # the plan's reasons on stderr, the settings on stdout
+            settings, planned = ((settings, None) if resume
+                                 else plan_stage.planned(settings, labelled, unlabelled))
+            if planned is not None:
+                log(plan_stage.table(planned))
             print(json.dumps(settings.model_dump(mode="json"), indent=2))
             return
         if labelled is None or output is None:

@@ -25,7 +25,7 @@ from crlnseg.settings import PrepareSettings
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "SourceStamp", "CaseRecord", "Manifest",
            "load_manifest", "save_manifest", "is_prepared", "dataset_fingerprint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cases in canonical orientation, with their transform
 MANIFEST_NAME = "dataset.json"
 
 
@@ -56,6 +56,8 @@ class CaseRecord(BaseModel):
     origin: tuple[float, float, float]
     direction: tuple[float, ...]
     crop_box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    orientation: dict[str, list] = Field(
+        default_factory=lambda: {"permutation": [0, 1, 2], "flips": [False, False, False]})
     target_spacing: tuple[float, float, float]
     intensity: list[dict[str, float]]
     labels_present: list[int]

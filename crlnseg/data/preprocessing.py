@@ -1,17 +1,28 @@
 """Preprocessing shared by ``prepare`` (training cache) and ``predict`` (new scans): same maths.
 
-Order, as nnU-Net: crop to the non-zero box (optional) -> resample to the target spacing (image:
+Order: canonical orientation (first of all: the array is transposed and flipped to the closest
+RAS axis order, :mod:`crlnseg.data.orientation`, never resampled; the spacing follows the axes),
+then, as nnU-Net: crop to the non-zero box (optional) -> resample to the target spacing (image:
 linear or cubic B-spline; label: nearest) -> normalise each channel:
 
 - ``zscore``: ``(x - mean) / std`` over the (cropped) volume;
-- ``ct``: clip to the window ``[lo, hi]``, then z-score with the clipped volume's mean and std;
+- ``ct``: clip to the window ``[lo, hi]``, then ``(x - mean) / std`` with ``ct_stats`` (the plan:
+  the labelled foreground of the whole dataset, nnU-Net's CT scheme) or, without them, the
+  clipped volume's own mean and std;
 - ``minmax``: ``(x - min) / (max - min)``;
 - ``none``: unchanged (float32).
 
 Intensity statistics are taken on the cropped volume before resampling (one pass, also used for the
 dataset fingerprint). :func:`restore` maps an array on the preprocessed grid back onto the original
-grid (resample to the crop's shape, then pad), so a predicted mask has exactly the input's shape.
+grid (resample to the crop's shape, pad, then undo the orientation), so a predicted mask has exactly
+the input's shape and array order, and the input's own header is its geometry.
 Arrays are ``(C, X, Y, Z)`` images and ``(X, Y, Z)`` labels.
+
+Axes of :class:`CaseInfo`: ``original_shape``, ``crop_box``, ``spacing``, ``shape`` and
+``target_spacing`` (as ``PrepareSettings.target_spacing``) are along the canonical axes (R-L, A-P,
+S-I); ``origin`` and ``direction`` are the input's own header; ``orientation`` maps the input's
+array order to the canonical one (``{"permutation", "flips"}``, :class:`~crlnseg.data.orientation.
+Transform`).
 """
 
 from __future__ import annotations
@@ -21,6 +32,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from crlnseg.data.orientation import (
+    IDENTITY,
+    canonical_spacing,
+    canonical_transform,
+    from_canonical,
+    to_canonical,
+)
 from crlnseg.errors import DataError
 from crlnseg.io.volume import Volume
 from crlnseg.settings import PrepareSettings
@@ -36,15 +54,18 @@ _MAX_PERCENTILE_SAMPLES = 1_000_000  # strided (deterministic) subsample for per
 class CaseInfo:
     """What was done to one case; enough to map results back onto the original grid."""
 
-    original_shape: tuple[int, int, int]
-    crop_box: Box  # [lo, hi) per axis, in original voxels
+    original_shape: tuple[int, int, int]  # the whole input grid, canonical axis order
+    crop_box: Box  # [lo, hi) per axis, in canonical voxels of the whole input grid
     shape: tuple[int, int, int]  # preprocessed spatial shape
-    spacing: tuple[float, float, float]  # original
+    spacing: tuple[float, float, float]  # the input's, canonical axis order
     target_spacing: tuple[float, float, float]  # of the preprocessed grid
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the input's header
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # input's header
     intensity: list[dict[str, float]] = field(default_factory=list)  # per channel
     labels_present: list[int] = field(default_factory=list)
+    # input array order -> canonical: canonical axis k = input axis permutation[k], then flipped
+    orientation: dict[str, list] = field(
+        default_factory=lambda: {"permutation": [0, 1, 2], "flips": [False, False, False]})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,20 +85,29 @@ class PreprocessedCase:
 
 def preprocess(image: Volume, label: Volume | None, settings: PrepareSettings
                ) -> PreprocessedCase:
-    """Crop, resample and normalise one case (the label, when given, follows the image grid)."""
+    """Orient, crop, resample and normalise one case (the label, when given, follows the image)."""
     arr = image.array if image.array.ndim == 4 else image.array[None]
-    spatial = arr.shape[1:]
     lab = None
     if label is not None:
         lab = label.array
-        if lab.shape != spatial:
-            raise DataError(f"{label.path}: label shape {lab.shape} != image shape {spatial}")
+        if lab.shape != arr.shape[1:]:
+            raise DataError(f"{label.path}: label shape {lab.shape} != image shape "
+                            f"{arr.shape[1:]}")
+    transform = IDENTITY
+    if settings.orientation == "canonical":
+        try:
+            transform = canonical_transform(image.geometry.direction)
+        except ValueError as err:
+            raise DataError(f"{image.path or 'image'}: {err}") from None
+    arr = to_canonical(arr, transform)
+    lab = to_canonical(lab, transform) if lab is not None else None
+    spatial = arr.shape[1:]
     box = nonzero_box(arr) if settings.crop_nonzero else tuple((0, n) for n in spatial)
     region = (slice(None),) + tuple(slice(lo, hi) for lo, hi in box)
     arr = arr[region]
     lab = lab[region[1:]] if lab is not None else None
     stats = [intensity_stats(ch, lab, settings) for ch in arr]
-    spacing = tuple(float(s) for s in image.geometry.spacing)
+    spacing = canonical_spacing(image.geometry.spacing, transform)
     target = tuple(float(s) for s in settings.target_spacing or spacing)
     shape = tuple(max(1, round(n * s / t))
                   for n, s, t in zip(arr.shape[1:], spacing, target, strict=True))
@@ -93,13 +123,15 @@ def preprocess(image: Volume, label: Volume | None, settings: PrepareSettings
         spacing=spacing, target_spacing=target,  # type: ignore[arg-type]
         origin=tuple(image.geometry.origin), direction=tuple(image.geometry.direction),
         intensity=stats, labels_present=[int(v) for v in np.unique(lab)] if lab is not None else [],
+        orientation=transform.to_dict(),
     )
     return PreprocessedCase(image=out, label=lab, info=info)
 
 
 def restore(array: np.ndarray, info: CaseInfo | _HasGrid, probabilities: bool | None = None
             ) -> np.ndarray:
-    """Map ``array`` from the preprocessed grid back to the original grid.
+    """Map ``array`` from the preprocessed grid back to the original grid, in the input's own
+    array order (``info.orientation`` undone last; absent, as on a bare grid record: identity).
 
     Labels ``(X, Y, Z)`` (integer dtype) use nearest neighbour and pad with 0; float arrays use
     linear interpolation. ``(C, X, Y, Z)`` float arrays are class probabilities by default
@@ -120,7 +152,7 @@ def restore(array: np.ndarray, info: CaseInfo | _HasGrid, probabilities: bool | 
         out[region] = np.stack([resample(ch, crop_shape, order) for ch in array])
     else:
         out[region] = resample(array, crop_shape, order)
-    return out
+    return from_canonical(out, getattr(info, "orientation", None))
 
 
 def resample(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -167,6 +199,8 @@ def _normalisation(x: np.ndarray, stats: dict[str, float], settings: PrepareSett
                    ) -> tuple[float, float]:
     if settings.normalize == "zscore":
         return stats["mean"], max(stats["std"], 1e-8)
+    if settings.normalize == "ct" and settings.ct_stats is not None:  # the dataset's (plan)
+        return settings.ct_stats[0], settings.ct_stats[1]
     if settings.normalize == "ct":
         lo, hi = settings.ct_window
         clipped = np.clip(x, lo, hi)

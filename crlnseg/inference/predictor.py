@@ -198,6 +198,7 @@ class Predictor:
 
     def _run(self, volume: Volume, heads: Heads) -> list[np.ndarray]:
         """Preprocess, sliding window, restore: one probability map per head, input grid."""
+        from crlnseg.data.orientation import from_canonical
         from crlnseg.data.preprocessing import preprocess, restore
 
         self._check(volume)
@@ -208,8 +209,8 @@ class Predictor:
         del case  # the preprocessed image is not needed any more
         c = len(self.classes)
         parts = [probs[:c], probs[c:]] if heads == "both" else [probs]
-        if _same_grid(info):  # no crop, no resampling: skip restore's copies
-            return parts
+        if _same_grid(info):  # no crop, no resampling: only the orientation to undo
+            return [from_canonical(p, info.orientation) for p in parts]
         return [restore(p, info, probabilities=True) for p in parts]
 
     def predict_volume(self, volume: Volume, save_probabilities: bool = False) -> Prediction:

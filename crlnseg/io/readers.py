@@ -238,9 +238,12 @@ def _h5_header(path: Path, spacing: Sequence[float]) -> Header:
 
 
 def _h5_geometry(path: Path, spacing: Sequence[float]) -> Geometry:
-    """HDF5 cases store no geometry: the given spacing, checked as a header's would be."""
+    """HDF5 cases store no geometry: the given spacing, checked as a header's would be, and the
+    axes taken as R, A, S (NIfTI's identity affine), so their array order is already canonical
+    and masks written for them get an identity affine."""
     integrity.check_geometry(path, spacing, fix="fix h5_spacing")
-    return Geometry(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    return Geometry(spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+                    direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
 
 
 def read_label(source: Path | Volume, reference: Volume | None = None,

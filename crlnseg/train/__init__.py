@@ -1,7 +1,8 @@
 """``crlnseg train``: everything only training uses.
 
     launch.py     train(): plan, run one rank here or N as processes, clean up a failed start
-    plan.py       checks and on-the-fly preparation before the loop; the RunPlan every rank follows
+    plan.py       checks, the dataset plan and on-the-fly preparation before the loop; the RunPlan
+                  every rank follows
     run_dir.py    the run folder: which folders a run may use, clean-up of an unsaved run
     overwrite.py  --overwrite: the old run set aside until the first checkpoint
     resume.py     what a resumed run may change
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["train", "TrainResult", "run_settings", "summary", "result_json"]
+__all__ = ["train", "TrainResult", "run_settings", "summary", "result_json", "planned_settings"]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,15 +10,17 @@ from typing import Any
 from crlnseg import errors, signals
 from crlnseg.checkpoint import load_checkpoint
 from crlnseg.config import resolve_settings, saved_run_settings
-from crlnseg.errors import CrlnsegError, RunFailure, on_failure
+from crlnseg.console import log
+from crlnseg.errors import CrlnsegError, DataError, RunFailure, on_failure
 from crlnseg.settings import RunSettings
 from crlnseg.train.logging import read_metrics
 from crlnseg.train.loop import TrainResult, run_worker
 from crlnseg.train.parallel import launched_by_torchrun, spawn
-from crlnseg.train.plan import RunPlan, plan_on_rank0, plan_run
+from crlnseg.train.plan import RunPlan, plan_on_rank0, plan_run, planned_settings
 from crlnseg.train.run_dir import discard_unsaved_run, is_run
 
-__all__ = ["train", "run_settings", "summary", "result_json", "last_validation"]
+__all__ = ["train", "run_settings", "summary", "result_json", "last_validation",
+           "planned_settings"]
 
 
 def train(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSettings, *,
@@ -61,7 +63,12 @@ def _spawn_workers(plan: RunPlan, received: signals.StopFlag) -> TrainResult:
         if received.signum is None or not last.is_file():
             raise RunFailure(f"a training process died: {err}") from None
     ckpt = load_checkpoint(last)
-    dice, largest = last_validation(read_metrics(plan.out / "metrics.jsonl"), start)
+    try:
+        history = read_metrics(plan.out / "metrics.jsonl")
+    except DataError as err:  # training finished; a damaged log only loses the report
+        log(f"warning: {err}")
+        history = []
+    dice, largest = last_validation(history, start)
     return TrainResult(plan.out, int(ckpt["meta"]["iteration"]), plan.settings.train.iterations,
                        received.signum, dice, ckpt["meta"].get("best_val_dice"), largest,
                        ckpt["meta"].get("inference"))

@@ -19,8 +19,10 @@ import torch
 
 from crlnseg import signals
 from crlnseg.console import log
+from crlnseg.data import planner
 from crlnseg.data.cache import prepare_dataset
 from crlnseg.data.manifest import Manifest, is_prepared, load_manifest
+from crlnseg.data.planner import Plan
 from crlnseg.data.sampling import check_training_data
 from crlnseg.errors import ConfigError, CrlnsegError, DataError, on_failure
 from crlnseg.io.writers import make_folder
@@ -40,7 +42,7 @@ from crlnseg.train.run_dir import (
 )
 
 __all__ = ["RunPlan", "resolve_world", "prepared_folder", "check_consecutive", "adopt_dataset",
-           "plan_run", "plan_on_rank0"]
+           "plan_run", "plan_on_rank0", "planned_settings"]
 
 
 @dataclass
@@ -182,6 +184,15 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
     return settings, lab_dir, unl_dir, val_dir, channels, data
 
 
+def planned_settings(settings: RunSettings, labelled: Path, unlabelled: Path | None,
+                     device: str) -> tuple[RunSettings, Plan]:
+    """``settings`` with the dataset's plan where nothing else set the values, and the plan."""
+    if unlabelled is not None and settings.method.method == "supervised":
+        unlabelled = None  # not trained on, so not planned from
+    plan = planner.plan_folders(settings, [labelled, unlabelled], device)
+    return planner.apply(settings, plan), plan
+
+
 def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSettings,
              val: Path | None = None, gpus: int = 0, nproc: int = 1, resume: bool = False,
              overwrite: bool = False, world_size: int | None = None) -> RunPlan:
@@ -203,9 +214,13 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
         raise ConfigError(f"--unlabelled is required for method {settings.method.method} "
                           "(or use --method supervised)")
     check_inputs(out, {"--labelled": labelled, "--unlabelled": unlabelled, "--val": val})
-    _check_batch_norm(settings)
     aside.settle(out)
     saved = check_run_dir(out, resume, overwrite)
+    planned = None
+    if saved is None and settings.train.plan:  # a resumed run keeps its saved settings
+        planned = planned_settings(settings, labelled, unlabelled, device_type)
+        settings = planned[0]
+    _check_batch_norm(settings)
     if saved is not None:  # every refusal of a resume before anything in RUN is written
         resumption.check_resume_world(saved["meta"], world)
         resumption.check_resume_prepare(saved["settings"], settings)
@@ -251,11 +266,16 @@ def plan_run(labelled: Path, unlabelled: Path | None, out: Path, settings: RunSe
         make_folder(out / "checkpoints")
         write_json(out / "settings.json", settings.model_dump(mode="json"))
         write_json(out / "environment.json", environment_info(device_type, world))
+    if planned is not None:  # after every refusal: an error stays one line
+        log("plan (crlnseg plan for the reasons): " + "; ".join(
+            f"{k} {planner.show(getattr(getattr(settings, k.split('.')[0]), k.split('.')[1]))}"
+            for k in ("prepare.target_spacing", "model.strides", "train.patch")))
     meta = {"classes": list(range(settings.model.num_classes)), "channels": channels,
             "prepare": settings.prepare.model_dump(mode="json"),
             "method": settings.method.method, "data": data,
             "best_val_dice": None if saved is None else saved["meta"].get("best_val_dice"),
-            "inference": None if saved is None else saved["meta"].get("inference")}
+            "inference": None if saved is None else saved["meta"].get("inference"),
+            "plan": planned[1].to_dict() if planned else (saved or {}).get("meta", {}).get("plan")}
     return RunPlan(out, settings, lab_dir, unl_dir, val_dir, meta, saved is not None,
                    device_type, world, created)
 

@@ -1,0 +1,353 @@
+"""A plan from the dataset fingerprint (labelled and unlabelled cases together).
+
+nnU-Net's rules, made for semi-supervised training (every value comes with its reason):
+
+- target spacing ``prepare.target_spacing``: the per-axis median of the cases' spacings; for an
+  anisotropic dataset (coarsest / finest median spacing > 3) the coarse axis takes its 10th
+  percentile instead, so thick-slice cases are not interpolated into many invented slices;
+- intensity ``prepare.normalize``: CT (``dataset.json`` channel names as nnU-Net writes them, or
+  ``prepare.modality = "ct"``) is clipped to the 0.5 / 99.5 percentiles of the labelled
+  foreground voxels of the whole dataset and z-scored with their mean and std; other modalities
+  keep per-case z-score;
+- topology ``model.strides`` / ``model.kernels``: at each of the four levels an axis is pooled
+  unless its spacing there is more than twice the finest axis's, and convolved across (kernel 3)
+  unless it is that coarse (kernel 1);
+- patch ``train.patch``: the median shape at the target spacing, its aspect kept, scaled down
+  into a voxel budget per device (the ``cpu`` preset's 64 x 64 x 32 on the CPU, the ``la8`` patch
+  112 x 112 x 80 on a GPU), each side a multiple of its axis's total stride and at most the
+  median shape.
+
+Spacings and shapes are in canonical (RAS) axis order (:mod:`crlnseg.data.orientation`), as the
+cache stores the cases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crlnseg.data.discovery import CaseFiles, discover_cases
+from crlnseg.data.orientation import canonical_shape, canonical_spacing, canonical_transform
+from crlnseg.errors import DataError
+from crlnseg.io.readers import read_header
+from crlnseg.settings import RunSettings
+from crlnseg.types import IntTriple, Triple
+
+__all__ = ["VOXEL_BUDGET", "ANISOTROPY", "PLANNED", "Fingerprint", "Plan", "fingerprint", "plan",
+           "dataset_modality", "ct_foreground", "discover", "topology", "patch_size",
+           "target_spacing"]
+
+VOXEL_BUDGET = {"cpu": 64 * 64 * 32, "cuda": 112 * 112 * 80}
+ANISOTROPY = 3.0
+_FOREGROUND_SAMPLES = 10_000  # per labelled case, for the CT statistics (nnU-Net's number)
+LEVELS = 4
+
+
+@dataclass
+class Fingerprint:
+    """Per case, the spacing and the shape in canonical axis order; the CT foreground."""
+
+    spacings: list[Triple]
+    shapes: list[IntTriple]
+    labelled: int
+    unlabelled: int
+    modality: str = "other"  # "ct" or "other"
+    ct_foreground: dict[str, float] | None = None  # p00_5, p99_5, mean, std
+
+    def summary(self) -> dict[str, Any]:
+        s, n = np.asarray(self.spacings, float), np.asarray(self.shapes, float)
+        return {"cases": len(self.spacings), "labelled": self.labelled,
+                "unlabelled": self.unlabelled, "modality": self.modality,
+                "spacing_median": [round(float(v), 4) for v in np.median(s, axis=0)],
+                "spacing_min": [float(v) for v in s.min(axis=0)],
+                "spacing_max": [float(v) for v in s.max(axis=0)],
+                "shape_median": [float(v) for v in np.median(n, axis=0)],
+                "ct_foreground": self.ct_foreground}
+
+
+@dataclass
+class Plan:
+    """Planned values by setting key (``section.field``) and the reason for each."""
+
+    values: dict[str, Any]
+    reasons: dict[str, str] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON types only (lists, not tuples), as stored in checkpoints."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def overrides(self, keys: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The plan (or the ``keys`` of it) as nested settings overrides."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in self.values.items():
+            if keys is None or key in keys:
+                section, name = key.split(".")
+                out.setdefault(section, {})[name] = value
+        return out
+
+    def table(self) -> list[tuple[str, str, str]]:
+        return [(k, show(v), self.reasons.get(k, "")) for k, v in self.values.items()]
+
+
+def show(value: Any) -> str:
+    """``0.625 x 0.625 x 2.5``; nested levels separated by commas."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple | list):
+        if all(not isinstance(v, tuple | list) for v in value):
+            return " x ".join(show(v) for v in value)
+        return ", ".join(show(v) for v in value)
+    return str(value)
+
+
+def fingerprint(labelled: Sequence[CaseFiles], unlabelled: Sequence[CaseFiles],
+                h5_spacing: Triple = (1.0, 1.0, 1.0), modality: str = "other",
+                orientation: str = "canonical") -> Fingerprint:
+    """Headers of every case (no voxels read) and, for CT, the labelled foreground voxels."""
+    spacings, shapes = [], []
+    for case in [*labelled, *unlabelled]:
+        header = read_header(case.images[0], h5_spacing)
+        try:
+            t = (canonical_transform(header.geometry.direction) if orientation == "canonical"
+                 else None)
+        except ValueError as err:
+            raise DataError(f"{case.images[0]}: {err}") from None
+        spacings.append(canonical_spacing(header.geometry.spacing, t))
+        shapes.append(canonical_shape(header.spatial_shape, t))
+    ct = ct_foreground(labelled, h5_spacing) if modality == "ct" else None
+    return Fingerprint(spacings, shapes, len(labelled), len(unlabelled), modality, ct)
+
+
+def ct_foreground(cases: Sequence[CaseFiles], h5_spacing: Triple = (1.0, 1.0, 1.0)
+                  ) -> dict[str, float] | None:
+    """0.5 / 99.5 percentiles, mean and std of foreground voxels sampled from every labelled
+    case (at most 10 000 each, seeded), as nnU-Net's CT normalisation takes them."""
+    from crlnseg.data.cache import load_case
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for case in cases:
+        if case.label is None:
+            continue
+        image, label = load_case(case, h5_spacing)
+        if label is None:
+            continue
+        first = image.array if image.array.ndim == 3 else image.array[0]
+        values = first[label.array > 0].astype(np.float64)
+        if values.size:
+            take = min(values.size, _FOREGROUND_SAMPLES)
+            samples.append(rng.choice(values, take, replace=False))
+    if not samples:
+        return None
+    fg = np.concatenate(samples)
+    lo, hi = np.percentile(fg, (0.5, 99.5))
+    return {"p00_5": float(lo), "p99_5": float(hi), "mean": float(fg.mean()),
+            "std": float(fg.std())}
+
+
+def target_spacing(spacings: np.ndarray) -> tuple[Triple, str]:
+    median = np.median(spacings, axis=0)
+    if median.max() / median.min() <= ANISOTROPY:
+        return _triple(median), "per-axis median of the cases' spacings"
+    coarse = int(np.argmax(median))
+    target = median.copy()
+    target[coarse] = float(np.percentile(spacings[:, coarse], 10))
+    return _triple(target), (
+        f"per-axis median; anisotropic (median {median.max():.3g} / {median.min():.3g} mm > "
+        f"{ANISOTROPY:g}): axis {'XYZ'[coarse]} takes its 10th percentile")
+
+
+def topology(spacing: Triple) -> tuple[list[IntTriple], list[IntTriple]]:
+    """Per level, the strides and kernels for voxels of ``spacing`` (see the module doc)."""
+    current, strides, kernels = list(spacing), [], []
+    for _ in range(LEVELS):
+        finest = min(current)
+        pooled = [s <= 2 * finest for s in current]
+        kernels.append(tuple(3 if p else 1 for p in pooled))
+        strides.append(tuple(2 if p else 1 for p in pooled))
+        current = [s * (2 if p else 1) for s, p in zip(current, pooled, strict=True)]
+    finest = min(current)
+    kernels.append(tuple(3 if s <= 2 * finest else 1 for s in current))
+    return strides, kernels  # type: ignore[return-value]
+
+
+def patch_size(median_shape: np.ndarray, total: IntTriple, budget: int) -> IntTriple:
+    """The median shape scaled into ``budget`` voxels (aspect kept), sides multiples of
+    ``total`` and at most the median shape (never below one total stride)."""
+    scale = min(1.0, (budget / float(np.prod(median_shape))) ** (1 / 3))
+    side = [max(t, int(n * scale) // t * t) for n, t in zip(median_shape, total, strict=True)]
+    # Flooring left room: grow the axis furthest below its share while the budget allows.
+    while True:
+        room = [i for i in range(3) if side[i] + total[i] <= median_shape[i]
+                and math.prod(side) // side[i] * (side[i] + total[i]) <= budget]
+        if not room:
+            break
+        i = min(room, key=lambda a: side[a] / (median_shape[a] * scale))
+        side[i] += total[i]
+    while math.prod(side) > budget and any(s > t for s, t in zip(side, total, strict=True)):
+        i = int(np.argmax([s / t for s, t in zip(side, total, strict=True)]))
+        side[i] -= total[i]
+    return tuple(side)  # type: ignore[return-value]
+
+
+PLANNED = ("prepare.target_spacing", "prepare.normalize", "prepare.ct_window", "prepare.ct_stats",
+           "model.strides", "model.kernels", "train.patch")
+
+
+def plan(fp: Fingerprint, device: str = "cpu",
+         fixed: dict[str, tuple[Any, str]] | None = None) -> Plan:
+    """The plan of a fingerprint for ``device`` ("cpu" or "cuda").
+
+    ``fixed``: ``key -> (value, reason)`` given elsewhere (a preset, a settings file, an option,
+    a prepared cache); they are kept, and the values that follow from them (topology and patch
+    from the spacing, patch from the strides) are planned around them.
+    """
+    if not fp.spacings:
+        raise DataError("no cases to plan from")
+    fixed = {k: v for k, v in (fixed or {}).items() if k in PLANNED}
+    spacings = np.asarray(fp.spacings, float)
+    values: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+
+    def put(key: str, value: Any, reason: str) -> Any:
+        values[key], reasons[key] = fixed.get(key, (value, reason))
+        return values[key]
+
+    planned_target, why_spacing = target_spacing(spacings)
+    target = put("prepare.target_spacing", planned_target, why_spacing)
+    target = planned_target if target is None else _triple(target)
+    _intensity(fp, put)
+    strides, kernels = topology(target)
+    strides = put("model.strides", strides,
+                  "an axis is pooled unless its spacing is > 2x the finest axis's")
+    put("model.kernels", kernels, "kernel 1 along an axis > 2x coarser than the finest, else 3")
+    total = tuple(math.prod(int(level[a]) for level in strides) for a in range(3))
+    median_shape = np.median(np.asarray(fp.shapes, float) * spacings / np.asarray(target), axis=0)
+    budget = VOXEL_BUDGET[device]
+    put("train.patch", patch_size(median_shape, total, budget),  # type: ignore[arg-type]
+        f"median shape {show(_triple(median_shape, 0))} at the target spacing, aspect kept, "
+        f"within {budget} voxels ({device}), multiples of {show(total)}")
+    return Plan(values, reasons, fp.summary(), device)
+
+
+def _intensity(fp: Fingerprint, put: Any) -> None:
+    if fp.modality == "ct" and fp.ct_foreground:
+        ct = fp.ct_foreground
+        put("prepare.normalize", "ct", "CT: one normalisation for the whole dataset")
+        put("prepare.ct_window", (ct["p00_5"], ct["p99_5"]),
+            "0.5 / 99.5 percentiles of the labelled foreground voxels")
+        put("prepare.ct_stats", (ct["mean"], max(ct["std"], 1e-8)),
+            "mean and std of the labelled foreground voxels")
+    elif fp.modality == "ct":
+        put("prepare.normalize", "zscore", "CT without labelled foreground: per-case z-score")
+    else:
+        put("prepare.normalize", "zscore", "not CT: each case z-scored with its own mean and std")
+
+
+def dataset_modality(folder: Path) -> str | None:
+    """``ct`` when the ``dataset.json`` of ``folder`` (nnU-Net's format: ``channel_names``, or
+    MSD's ``modality``) names every channel CT; ``other`` when it names others; None without."""
+    for path in (folder / "dataset.json", folder.parent / "dataset.json"):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or "crlnseg_version" in data:
+            return None  # a crlnseg cache's own manifest
+        names = data.get("channel_names") or data.get("modality") or {}
+        if isinstance(names, dict) and names:
+            ct = all(str(v).strip().lower() == "ct" for v in names.values())
+            return "ct" if ct else "other"
+        return None
+    return None
+
+
+def _triple(values: Any, digits: int | None = 6) -> Triple:
+    return tuple(float(v) if digits is None else round(float(v), digits)
+                 for v in values)  # type: ignore[return-value]
+
+
+def discover(folders: Sequence[Path]) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    """The labelled and unlabelled cases of raw dataset folders."""
+    labelled, unlabelled = [], []
+    for folder in folders:
+        for case in discover_cases(folder):
+            (labelled if case.label is not None else unlabelled).append(case)
+    return labelled, unlabelled
+
+
+def explicit(settings: RunSettings) -> dict[str, tuple[Any, str]]:
+    """The planned keys that a preset, a settings file, an option or ``--set`` gave."""
+    out = {}
+    for key in PLANNED:
+        section, name = key.split(".")
+        part = getattr(settings, section)
+        if name in part.model_fields_set:
+            out[key] = (getattr(part, name), "set (preset, settings file, option or --set)")
+    return out
+
+
+def plan_folders(settings: RunSettings, folders: Sequence[Path | None], device: str) -> Plan:
+    """The plan of a run's inputs: raw dataset folders or prepared caches, the labelled first
+    (its labelled cases count as labelled, every other case as unlabelled); the first prepared
+    folder fixes the preprocessing (all inputs of a run share one)."""
+    from crlnseg.data.manifest import is_prepared, load_manifest
+
+    fixed = explicit(settings)
+    prep = settings.prepare
+    spacings: list[Triple] = []
+    shapes: list[IntTriple] = []
+    raw_lab: list[CaseFiles] = []
+    raw_unl: list[CaseFiles] = []
+    counts = [0, 0]
+    cache: Path | None = None
+    modality = prep.modality
+    for i, folder in enumerate(folders):
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if is_prepared(folder):
+            manifest = load_manifest(folder)
+            spacings += [tuple(c.spacing) for c in manifest.cases]  # type: ignore[misc]
+            shapes += [tuple(c.original_shape) for c in manifest.cases]  # type: ignore[misc]
+            counts[min(i, 1)] += len(manifest.cases)
+            if cache is None:  # every input of a run shares one preprocessing
+                cache = folder
+                for key in PLANNED[:4]:
+                    value = getattr(manifest.settings, key.split(".")[1])
+                    fixed[key] = (value, f"as {folder} was prepared")
+            continue
+        lab, unl = discover([folder])
+        raw_lab.extend(lab if i == 0 else [])
+        raw_unl.extend(unl if i == 0 else [*lab, *unl])
+        if modality == "auto":
+            modality = dataset_modality(folder) or "auto"
+    modality = "other" if modality == "auto" else modality
+    fp = fingerprint(raw_lab, raw_unl, prep.h5_spacing,
+                     modality if "prepare.normalize" not in fixed else "other", prep.orientation)
+    fp.spacings = spacings + fp.spacings
+    fp.shapes = shapes + fp.shapes
+    fp.labelled += counts[0]
+    fp.unlabelled += counts[1]
+    fp.modality = modality
+    return plan(fp, device, fixed)
+
+
+def apply(settings: RunSettings, p: Plan) -> RunSettings:
+    """``settings`` with the plan's values where nothing else gave them."""
+    from crlnseg.config import deep_merge
+
+    given = explicit(settings)
+    keys = [k for k in p.values if k not in given]
+    data = deep_merge(settings.model_dump(mode="json", exclude_unset=True), p.overrides(keys))
+    return type(settings).model_validate(data)
