@@ -36,7 +36,9 @@ def check_patch_rules(p, median_shape, device="cpu"):
     total = [math.prod(level[a] for level in strides) for a in range(3)]
     assert all(s % t == 0 and s >= t for s, t in zip(patch, total, strict=True))
     assert math.prod(patch) <= VOXEL_BUDGET[device]
-    assert all(s <= max(n, t) for s, n, t in zip(patch, median_shape, total, strict=True))
+    # At most the median shape, rounded up to the pooling (as nnU-Net pads its patch).
+    assert all(s <= math.ceil(n / t) * t for s, n, t in zip(patch, median_shape, total,
+                                                              strict=True))
 
 
 def test_isotropic_dataset():
@@ -140,6 +142,14 @@ def test_given_values_win_and_the_rest_follows_them():
     planned = apply(la8, plan(fp, "cuda", fixed=explicit(la8)))
     assert planned.train.patch == PRESETS["la8"]["train"]["patch"]
     assert planned.method.xi == la8.method.xi
+
+
+def test_the_budgets_give_the_presets_patches_on_la():
+    """Half-resolution LA on the CPU: the cpu preset's patch; full resolution on a GPU: la8's."""
+    half = Fingerprint([(1.25,) * 3] * 80, [(96, 72, 44)] * 80, 8, 72)
+    assert plan(half, "cpu").values["train.patch"] == PRESETS["cpu"]["train"]["patch"]
+    full = Fingerprint([(0.625,) * 3] * 80, [(224, 224, 88)] * 80, 8, 72)
+    assert plan(full, "cuda").values["train.patch"] == PRESETS["la8"]["train"]["patch"]
 
 
 def test_la_presets_on_la_like_data_give_their_settings():

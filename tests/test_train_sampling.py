@@ -139,3 +139,14 @@ def test_check_rejects_bad_data(case, message):
         patch = (8, 16, 8)
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _check(lab, unl, patch)
+
+
+def test_check_lets_a_patch_pad_by_less_than_one_total_stride():
+    lab, unl = _manifest([(12, 10, 28)]), _manifest([(12, 10, 28)], labelled=False)
+    multiple = (4, 4, 16)
+    assert check_training_data(lab, unl, (12, 12, 32), 2, (Path("lab"), Path("unl")),
+                               multiple) == 1
+    with pytest.raises(DataError, match="axis Z"):
+        check_training_data(lab, unl, (12, 12, 48), 2, (Path("lab"), Path("unl")), multiple)
+    with pytest.raises(DataError, match="axis Z"):  # without a multiple: the volume's own size
+        check_training_data(lab, unl, (12, 10, 32), 2, (Path("lab"), Path("unl")))

@@ -12,10 +12,10 @@ nnU-Net's rules, made for semi-supervised training (every value comes with its r
 - topology ``model.strides`` / ``model.kernels``: at each of the four levels an axis is pooled
   unless its spacing there is more than twice the finest axis's, and convolved across (kernel 3)
   unless it is that coarse (kernel 1);
-- patch ``train.patch``: the median shape at the target spacing, its aspect kept, scaled down
-  into a voxel budget per device (the ``cpu`` preset's 64 x 64 x 32 on the CPU, the ``la8`` patch
-  112 x 112 x 80 on a GPU), each side a multiple of its axis's total stride and at most the
-  median shape.
+- patch ``train.patch``: within a voxel budget per device (the ``cpu`` preset's 64 x 64 x 32 on
+  the CPU, the ``la8`` patch 112 x 112 x 80 on a GPU), each side a multiple of its axis's total
+  stride, the patch that covers the most of the median shape at the target spacing, so that it
+  follows the median shape's aspect (on LA these rules give back the two presets' patches).
 
 Spacings and shapes are in canonical (RAS) axis order (:mod:`crlnseg.data.orientation`), as the
 cache stores the cases.
@@ -180,22 +180,23 @@ def topology(spacing: Triple) -> tuple[list[IntTriple], list[IntTriple]]:
 
 
 def patch_size(median_shape: np.ndarray, total: IntTriple, budget: int) -> IntTriple:
-    """The median shape scaled into ``budget`` voxels (aspect kept), sides multiples of
-    ``total`` and at most the median shape (never below one total stride)."""
-    scale = min(1.0, (budget / float(np.prod(median_shape))) ** (1 / 3))
-    side = [max(t, int(n * scale) // t * t) for n, t in zip(median_shape, total, strict=True)]
-    # Flooring left room: grow the axis furthest below its share while the budget allows.
-    while True:
-        room = [i for i in range(3) if side[i] + total[i] <= median_shape[i]
-                and math.prod(side) // side[i] * (side[i] + total[i]) <= budget]
-        if not room:
-            break
-        i = min(room, key=lambda a: side[a] / (median_shape[a] * scale))
-        side[i] += total[i]
-    while math.prod(side) > budget and any(s > t for s, t in zip(side, total, strict=True)):
-        i = int(np.argmax([s / t for s, t in zip(side, total, strict=True)]))
-        side[i] -= total[i]
-    return tuple(side)  # type: ignore[return-value]
+    """The patch, each side a multiple of ``total`` (at most the median shape rounded up to one,
+    as nnU-Net pads a patch to its pooling) and within ``budget`` voxels, that covers the most
+    of the median shape; ties go to the fewer voxels, then to the aspect closest to the median's.
+    """
+    axes = [np.arange(1, max(1, math.ceil(n / t)) + 1) * t
+            for n, t in zip(median_shape, total, strict=True)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
+    voxels = grid.prod(axis=1)
+    fits = voxels <= budget
+    if not fits.any():
+        return tuple(int(t) for t in total)  # type: ignore[return-value]
+    grid, voxels = grid[fits], voxels[fits]
+    covered = np.minimum(grid, median_shape).prod(axis=1)
+    ratio = np.log(grid / np.maximum(median_shape, 1.0))
+    aspect = np.abs(ratio - ratio.mean(axis=1, keepdims=True)).sum(axis=1)
+    best = np.lexsort((aspect, voxels, -np.round(covered, 6)))[0]
+    return tuple(int(v) for v in grid[best])  # type: ignore[return-value]
 
 
 PLANNED = ("prepare.target_spacing", "prepare.normalize", "prepare.ct_window", "prepare.ct_stats",
@@ -230,11 +231,12 @@ def plan(fp: Fingerprint, device: str = "cpu",
                   "an axis is pooled unless its spacing is > 2x the finest axis's")
     put("model.kernels", kernels, "kernel 1 along an axis > 2x coarser than the finest, else 3")
     total = tuple(math.prod(int(level[a]) for level in strides) for a in range(3))
-    median_shape = np.median(np.asarray(fp.shapes, float) * spacings / np.asarray(target), axis=0)
+    shapes = np.asarray(fp.shapes, float) * spacings / np.asarray(target)
+    median_shape = np.round(np.median(shapes, axis=0), 3)  # 48.0000001 is 48
     budget = VOXEL_BUDGET[device]
     put("train.patch", patch_size(median_shape, total, budget),  # type: ignore[arg-type]
-        f"median shape {show(_triple(median_shape, 0))} at the target spacing, aspect kept, "
-        f"within {budget} voxels ({device}), multiples of {show(total)}")
+        f"covers the most of the median shape {show(_triple(median_shape, 0))} at the target "
+        f"spacing within {budget} voxels ({device}); multiples of {show(total)}")
     return Plan(values, reasons, fp.summary(), device)
 
 

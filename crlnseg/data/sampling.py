@@ -153,12 +153,15 @@ def make_loader(dataset: IterationBatches, start: int, stop: int, num_workers: i
 
 
 def check_training_data(labelled: Any, unlabelled: Any | None, patch: Sequence[int],
-                        num_classes: int, folders: tuple[Path, Path | None]) -> int:
+                        num_classes: int, folders: tuple[Path, Path | None],
+                        multiple: Sequence[int] = (1, 1, 1)) -> int:
     """Refuse data the loop cannot train on (one-line DataError); return the channel count.
 
     Checks: at least one labelled case, each with a label whose values are classes
     ``0 .. num_classes - 1``; one channel count everywhere; on each axis, at least one volume of
-    each stream as large as the patch (smaller volumes are padded).
+    each stream as large as the patch, or as its largest volume rounded up to ``multiple``
+    (the model's total stride: a planned patch may pad its volumes by less than one stride;
+    smaller volumes are padded).
     """
     if not labelled.cases:
         raise DataError(f"{folders[0]}: no labelled cases")
@@ -179,8 +182,8 @@ def check_training_data(labelled: Any, unlabelled: Any | None, patch: Sequence[i
         if len(channels) > 1:
             (c0, w0), (c1, w1) = list(channels.items())[:2]
             raise DataError(f"{w1} has {c1} channel(s) but {w0} has {c0}")
-        for axis, (p, size) in enumerate(zip(patch, largest, strict=True)):
-            if p > size:
+        for axis, (p, size, m) in enumerate(zip(patch, largest, multiple, strict=True)):
+            if p > max(size, -(-int(size) // m) * m):
                 raise DataError(f"{folder}: patch {tuple(patch)} is larger than every volume "
                                 f"on axis {'XYZ'[axis]} (largest {size}); use a smaller --patch")
     return next(iter(channels))

@@ -167,7 +167,7 @@ def _load_inputs(settings: RunSettings, out: Path, labelled: Path, unlabelled: P
             raise DataError(f"{unlabelled} was prepared with other settings than {labelled}")
     names = (Path(labelled), None if unlabelled is None else Path(unlabelled))
     channels = check_training_data(lab, unl, settings.train.patch, settings.model.num_classes,
-                                   names)
+                                   names, settings.model.total_stride)
     val_dir = None
     if val is not None:
         val_dir = prepared_folder(val, out / "prepared" / "val", settings, overwrite,
