@@ -1,11 +1,13 @@
 """The literature's semi-supervised Left Atrium setting, at half resolution, on the CPU.
 
 Labelled = the first 8 (or 16) IDs of ``cases.txt``, as in the literature; since the literature's
-20 test cases are withheld from this data, cases 65-80 of its 80 training cases are held out for
-validation and the unlabelled set is the rest of cases 1-64 (56 or 48 scans, where the literature
-has 72 or 64). Validation cases are never used for training or checkpoint choice: every number
-comes from the LAST checkpoint. Runs are trained without ``--val`` and predicted with
-``--no-tuned`` (the built-in blending), so that no choice is made on the reported cases.
+20 test cases are withheld from this data, 16 of its 80 training cases are held out for validation
+(``--fold``: 1 = cases 65-80, on which every default was decided; 2 = 49-64; 3 = 33-48) and the
+unlabelled set is the rest (56 or 48 scans, where the literature has 72 or 64).
+``benchmarks/la_folds.py`` combines the folds. Validation cases are never used for training or
+checkpoint choice: every number comes from the LAST checkpoint. Runs are trained without
+``--val`` and predicted with ``--no-tuned`` (the built-in blending), so that no choice is made on
+the reported cases.
 Methods ``supervised``, ``mean-teacher`` and ``crln`` share the backbone,
 patch, iterations and seed; each run goes through the public CLI (``crlnseg train``, ``predict``,
 ``evaluate``, ``rectify``) as a user would run it. Per run it records Dice, Jaccard, HD95 and ASD
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="crln-no-rectify / crln-no-ps / crln-dim-only: crln without one or both "
                         "components (ablations)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--fold", type=int, choices=sorted(FOLDS), default=1,
+                   help="validation fold: 1 = cases 65-80 (decisions were taken on it), "
+                        "2 = 49-64, 3 = 33-48; outputs la_<L>[_fold<N>]")
     p.add_argument("--iterations", type=int, default=None, help="default: the preset's")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -94,12 +99,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def split_ids(cases: list[str], labelled: int) -> dict[str, list[str]]:
-    """First ``labelled`` (the literature's) / rest of the first 64 / cases 65-80 held out."""
+# Validation folds: cases 65-80 (fold 1, the one every default was decided on), 49-64, 33-48.
+FOLDS = {1: (64, 80), 2: (48, 64), 3: (32, 48)}
+
+
+def split_ids(cases: list[str], labelled: int, fold: int = 1) -> dict[str, list[str]]:
+    """First ``labelled`` (the literature's) / the fold's 16 cases held out / the rest of the 80
+    unlabelled (fold 1: cases 9-64, as the earlier single-split protocol)."""
     if len(cases) < 80:
         sys.exit(f"cases.txt lists {len(cases)} cases; the protocol needs 80")
-    return {"labelled": cases[:labelled], "unlabelled": cases[labelled:64],
-            "validation": cases[64:80]}
+    lo, hi = FOLDS[fold]
+    return {"labelled": cases[:labelled],
+            "unlabelled": cases[labelled:lo] + cases[hi:80],
+            "validation": cases[lo:hi]}
 
 
 def link_split(folder: Path, ids: list[str], data: Path, kinds: tuple[str, ...]) -> Path:
@@ -354,10 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     crlnseg = Runner(exe, threads)
     cases = (args.data / "cases.txt").read_text().split()
-    ids = split_ids(cases, args.labelled)
+    ids = split_ids(cases, args.labelled, args.fold)
     ids["validation"] = ids["validation"][:args.limit_val]
     ids["unlabelled"] = ids["unlabelled"][:args.limit_unlabelled]
-    root = args.out / f"la_{args.labelled}"
+    name = f"la_{args.labelled}" + ("" if args.fold == 1 else f"_fold{args.fold}")
+    root = args.out / name
     # The unlabelled folder holds images only; their labels ("truth") are kept apart, for
     # scoring pseudo-labels with rectify --labels, never for training.
     kinds = {"labelled": ("images", "labels"), "unlabelled": ("images",),
@@ -387,12 +400,12 @@ def main(argv: list[str] | None = None) -> None:
     names = list(evals)
     meta = {"labelled": len(ids["labelled"]), "unlabelled": len(ids["unlabelled"]),
             "preset": args.preset, "iterations": iterations, "seeds": args.seeds,
-            "overrides": args.overrides, "splits": ids,
+            "overrides": args.overrides, "splits": ids, "fold": args.fold,
             "cases": {n: len(list((s / "images").iterdir())) for n, s in evals.items()},
             "wall_seconds_this_invocation": time.perf_counter() - start, "jobs": args.jobs,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     table = summarise(runs, args.methods, names)
-    stem = args.out / f"la_{args.labelled}"
+    stem = args.out / name
     (stem.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": table,
                                                        "runs": runs}, indent=2) + "\n")
     text = markdown(table, names, meta)

@@ -1,0 +1,129 @@
+"""The LA benchmark over its validation folds: per fold, the mean with a 95 % interval over
+seeds x folds, and per-case paired differences between methods.
+
+Reads ``la_<L>.json`` (fold 1, cases 65-80), ``la_<L>_fold2.json`` (49-64) and
+``la_<L>_fold3.json`` (33-48) written by ``benchmarks/la.py --fold N``. Fold 1 chose every
+default (blending sigma, post-processing candidates, settings); ``--report-folds`` (default 2 3)
+are the folds nobody tuned on, whose means are the headline. Intervals: a t-interval over the
+(seed, fold) runs' mean Dice; paired differences: per case and seed, CRLN minus the baseline,
+with a bootstrap 95 % interval over those pairs (10 000 resamples, seed 0) and the share of
+pairs CRLN wins.
+
+    python benchmarks/la_folds.py --labelled 8 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+FOLD_CASES = {1: "65-80", 2: "49-64", 3: "33-48"}
+
+
+def load(folder: Path, labelled: int) -> dict[int, dict]:
+    found = {}
+    for fold in FOLD_CASES:
+        path = folder / (f"la_{labelled}.json" if fold == 1 else f"la_{labelled}_fold{fold}.json")
+        if path.is_file():
+            found[fold] = json.loads(path.read_text())
+    return found
+
+
+def per_case(run: dict) -> dict[str, float]:
+    return {c["case"]: c["dice"] for c in run["validation"]["voxel_cases"] if c["class"] == 1}
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    v = np.asarray(values, float)
+    if v.size < 2:
+        return float(v.mean()), float("nan"), float("nan")
+    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def paired(a: list[dict], b: list[dict]) -> dict:
+    """CRLN (``a``) minus a baseline (``b``), per (fold, seed, case) present in both."""
+    index = {(r["fold"], r["seed"]): per_case(r) for r in b}
+    diffs = []
+    for r in a:
+        other = index.get((r["fold"], r["seed"]))
+        if other:
+            mine = per_case(r)
+            diffs += [mine[c] - other[c] for c in mine if c in other]
+    if not diffs:
+        return {}
+    d = np.asarray(diffs)
+    rng = np.random.default_rng(0)
+    boot = rng.choice(d, (10_000, d.size)).mean(axis=1)
+    return {"mean": float(d.mean()), "ci95": [float(np.percentile(boot, 2.5)),
+                                               float(np.percentile(boot, 97.5))],
+            "wins": int((d > 0).sum()), "pairs": int(d.size)}
+
+
+def combine(found: dict[int, dict], report: list[int]) -> dict:
+    methods = list(dict.fromkeys(r["method"] for f in found.values() for r in f["runs"]))
+    runs = [{**r, "fold": fold} for fold, f in found.items() for r in f["runs"]]
+    out: dict = {"folds": {}, "methods": methods, "report_folds": report}
+    for fold in found:
+        out["folds"][fold] = {m: interval([100 * r["validation"]["voxel"]["dice"] for r in runs
+                                           if r["method"] == m and r["fold"] == fold])
+                              for m in methods}
+        out["folds"][fold]["seeds"] = sorted({r["seed"] for r in runs if r["fold"] == fold})
+    chosen = [r for r in runs if r["fold"] in report]
+    out["report"] = {m: interval([100 * r["validation"]["voxel"]["dice"] for r in chosen
+                                  if r["method"] == m]) for m in methods}
+    out["runs_per_method"] = {m: sum(r["method"] == m for r in chosen) for m in methods}
+    crln = [r for r in chosen if r["method"] == "crln"]
+    out["paired"] = {base: paired(crln, [r for r in chosen if r["method"] == base])
+                     for base in ("supervised", "mean-teacher") if base in methods}
+    return out
+
+
+def markdown(res: dict, labelled: int) -> str:
+    def cell(t):
+        mean, lo, hi = t
+        return f"{mean:.2f}" + ("" if np.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]")
+
+    methods = res["methods"]
+    lines = [f"LA, {labelled} labelled, Dice % (mean [95 % interval over runs]); fold 1 chose "
+             "the defaults.", "", "| fold (cases) | seeds | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for fold, row in sorted(res["folds"].items()):
+        lines.append(f"| {fold} ({FOLD_CASES[fold]}) | {len(row['seeds'])} | "
+                     + " | ".join(cell(row[m]) if m in row else "-" for m in methods) + " |")
+    folds = ", ".join(str(f) for f in res["report_folds"])
+    lines.append(f"| **folds {folds}** | {res['runs_per_method'].get('crln', 0)} runs | "
+                 + " | ".join(f"**{cell(res['report'][m])}**" for m in methods) + " |")
+    lines += ["", f"Paired per case and seed on folds {folds} (CRLN minus baseline, Dice points, "
+              "bootstrap 95 % interval; cases CRLN wins):", ""]
+    for base, p in res["paired"].items():
+        if p:
+            lines.append(f"- vs {base}: {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
+                         f"{100 * p['ci95'][1]:+.2f}], CRLN better on {p['wins']} of "
+                         f"{p['pairs']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--labelled", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--report-folds", type=int, nargs="+", default=[2, 3])
+    args = ap.parse_args(argv)
+    found = load(args.out, args.labelled)
+    report = [f for f in args.report_folds if f in found]
+    if not report:
+        raise SystemExit(f"no results for folds {args.report_folds} in {args.out}")
+    res = combine(found, report)
+    (args.out / f"la_{args.labelled}_folds.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = markdown(res, args.labelled)
+    (args.out / f"la_{args.labelled}_folds.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
