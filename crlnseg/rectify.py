@@ -38,7 +38,13 @@ from crlnseg.inference.cases import (
     written_so_far,
 )
 from crlnseg.io.paths import IMAGE_SUFFIXES, split_suffix
-from crlnseg.io.writers import check_not_inputs, check_outputs, make_folder, write_atomic
+from crlnseg.io.writers import (
+    check_not_inputs,
+    check_outputs,
+    check_outside,
+    make_folder,
+    write_atomic,
+)
 from crlnseg.metrics import mean_foreground_dice
 from crlnseg.settings import PredictSettings
 
@@ -115,16 +121,9 @@ def case_row(case_id: str, pred: Any, threshold: float, classes: int,
 def _check_outside(out: Path, folders: dict[str, Path | None]) -> None:
     """``-o`` must be neither an input folder nor inside one: its files would be read back as
     cases (or labels) of that folder."""
-    dst = out.resolve()
     for what, folder in folders.items():
-        if folder is None:
-            continue
-        src = Path(folder).resolve()
-        if dst == src or src in dst.parents:
-            where = "is" if dst == src else "is inside"
-            raise OutputExistsError(f"-o {out}: {where} the {what} folder {folder}; the output "
-                                    "folder must be outside its inputs (input files are never "
-                                    "overwritten)")
+        if folder is not None:
+            check_outside(out, folder, what)
 
 
 def check_label_values(label: np.ndarray, classes: int, path: Path) -> None:

@@ -152,6 +152,16 @@ def check_not_inputs(outputs: list[Path], inputs: list[Path]) -> None:
                                     "(input files are never overwritten)")
 
 
+def check_outside(out: Path, folder: Path, name: str, what: str = "output folder") -> None:
+    """Refuse an output folder that is the input ``folder`` or lies inside it: its files would
+    be read back as cases of that input."""
+    dst, src = Path(out).resolve(), Path(folder).resolve()
+    if dst == src or src in dst.parents:
+        where = "is" if dst == src else "is inside"
+        raise OutputExistsError(f"-o {out}: {where} the {name} folder {folder}; the {what} "
+                                "must be outside its inputs (inputs are never modified)")
+
+
 def check_outputs(paths: list[Path], overwrite: bool) -> None:
     """Refuse before writing anything: folders where files go, existing outputs (without
     overwrite), unwritable folders (where the process can tell up front; root can write almost

@@ -33,6 +33,7 @@ from crlnseg.checkpoint import load_checkpoint
 from crlnseg.console import log
 from crlnseg.data.manifest import is_prepared
 from crlnseg.errors import CheckpointError, DataError, OutputExistsError, RunInterrupted, Terminated
+from crlnseg.io.writers import check_outside
 from crlnseg.settings import RunSettings
 from crlnseg.train import overwrite as aside
 
@@ -124,12 +125,8 @@ def check_inputs(out: Path, inputs: dict[str, Path | None]) -> None:
             continue
         if not Path(folder).exists():
             raise DataError(f"{option} {folder}: no such file or folder")
+        check_outside(out, folder, option, "run folder")
         src = Path(folder).resolve()
-        if dst == src or src in dst.parents:
-            where = "is" if dst == src else "is inside"
-            raise OutputExistsError(f"-o {out}: {where} the {option} folder {folder}; the run "
-                                    "folder must be outside its inputs (inputs are never "
-                                    "modified)")
         if any(dst / name == src or dst / name in src.parents for name in OUTPUTS):
             raise OutputExistsError(f"{option} {folder}: lies inside the run's own outputs in "
                                     f"{out}; move it out of the run folder")
