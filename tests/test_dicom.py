@@ -239,6 +239,13 @@ def test_predict_on_a_series_writes_a_nifti_mask_on_its_grid(tmp_path, tiny_run)
     assert mask.GetSize() == SHAPE
     assert sitk_geometry(mask).close_to(sitk_geometry(source))
     assert done.stdout.startswith("scan_07\t")
+    # One series is one case, as one image file is: -o may name the mask file itself.
+    single = crlnseg("predict", tmp_path / "scan_07", "-o", tmp_path / "mask.nii.gz", "-m",
+                     tiny_run, "--device", "cpu")
+    assert single.returncode == 0, single.stderr
+    got = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+    assert sitk_geometry(got).close_to(sitk_geometry(source))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(mask))
 
 
 def test_rectify_and_evaluate_take_series_folders(tmp_path, tiny_run):

@@ -3,6 +3,7 @@ their outputs, and the checks that stop a run before anything is written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from crlnseg.data.discovery import CaseFiles, discover_cases, discover_single
@@ -29,12 +30,17 @@ def output_extension(case: CaseFiles) -> str:
 
 
 def input_cases(inputs: list[Path]) -> tuple[list[CaseFiles], bool]:
-    """The cases of INPUT and whether INPUT was a folder (else one case: one or more files)."""
+    """The cases of INPUT and whether INPUT was a folder of cases (else one case: one or more
+    files, or one DICOM series folder)."""
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise DataError("no input given")
     if len(inputs) == 1 and inputs[0].is_dir():
-        return discover_cases(inputs[0]), True
+        cases = discover_cases(inputs[0])
+        # A folder holding one DICOM series is one case, as one image file is.
+        series = len(cases) == 1 and cases[0].images[0].is_dir() and os.path.samefile(
+            cases[0].images[0], inputs[0])
+        return cases, not series
     if len(inputs) == 1:
         return [discover_single(inputs[0])], False
     cases = [discover_single(p) for p in inputs]  # each exists and is an image
