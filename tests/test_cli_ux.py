@@ -264,3 +264,16 @@ def test_demo_states_its_expected_time(tmp_path, monkeypatch):
     assert first.startswith(f"crlnseg demo: {demo.EXPECTED_TIME} at 240 iterations")
     assert "(600 here)" in first
     assert f"synthetic dataset: {demo.EXPECTED_TIME}." in _help("demo").replace("\n", " ")
+
+
+def test_a_closed_pipe_exits_quietly_with_141():
+    """`crlnseg ... | head`: the reader leaving is no error message, status 128 + SIGPIPE."""
+    from crlnseg.cli.common import handle_errors
+
+    @handle_errors
+    def command() -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(SystemExit) as stop:
+        command()
+    assert stop.value.code == 141

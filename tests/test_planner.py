@@ -230,3 +230,22 @@ def test_plan_command(tmp_path):
     assert "64 x 64 x 32" in table.stdout and "set (preset" in table.stdout
     bad = runner.invoke(app, ["plan", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "missing" in bad.output
+
+
+def test_the_coarse_axis_never_becomes_finer_than_the_others():
+    """A few thin-slice cases must not turn a 5 mm axis into a 0.6 mm one (nnU-Net's limit)."""
+    fp = Fingerprint([(0.8, 0.8, 5.0)] * 70 + [(0.8, 0.8, 0.6)] * 10, [(256, 256, 40)] * 80, 8, 72)
+    assert plan(fp).values["prepare.target_spacing"] == (0.8, 0.8, 0.8)
+
+
+def test_normalize_ct_given_still_gets_the_dataset_statistics(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        _ct_case(tmp_path, i, rng)
+    given = resolve_settings(options={"prepare": {"normalize": "ct"}})
+    p = plan_folders(given, [tmp_path], "cpu")
+    assert p.values["prepare.normalize"] == "ct"
+    assert p.reasons["prepare.normalize"].startswith("set")
+    assert "prepare.ct_stats" in p.values and "prepare.ct_window" in p.values
+    table = dict((k, v) for k, v, _ in p.table())
+    assert " x " not in table["prepare.ct_window"]

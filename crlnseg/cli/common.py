@@ -62,6 +62,9 @@ def handle_errors(func: F) -> F:
             fail("terminated", 128 + signal.SIGTERM)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:  # `crlnseg ... | head`: the reader left, as a shell tool
+            _quiet_stdout()
+            raise SystemExit(128 + signal.SIGPIPE) from None
         except MemoryError:
             _traceback()
             fail("out of memory: try a smaller patch or batch, or --amp on CUDA", 1)
@@ -72,6 +75,17 @@ def handle_errors(func: F) -> F:
             fail(f"{type(err).__name__}: {text}{hint}", 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not fail again."""
+    import os
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (a test runner's capture)
+        pass
 
 
 def option_error(err: Any, options: dict[str, str] | None = None) -> Exception:

@@ -4,7 +4,8 @@ nnU-Net's rules, made for semi-supervised training (every value comes with its r
 
 - target spacing ``prepare.target_spacing``: the per-axis median of the cases' spacings; for an
   anisotropic dataset (coarsest / finest median spacing > 3) the coarse axis takes its 10th
-  percentile instead, so thick-slice cases are not interpolated into many invented slices;
+  percentile instead (never finer than the other axes), so the thinner-sliced cases are not
+  squashed into a few thick slices;
 - intensity ``prepare.normalize``: CT (``dataset.json`` channel names as nnU-Net writes them, or
   ``prepare.modality = "ct"``) is clipped to the 0.5 / 99.5 percentiles of the labelled
   foreground voxels of the whole dataset and z-scored with their mean and std; other modalities
@@ -45,7 +46,7 @@ __all__ = ["VOXEL_BUDGET", "ANISOTROPY", "PLANNED", "Fingerprint", "Plan", "fing
 
 VOXEL_BUDGET = {"cpu": 64 * 64 * 32, "cuda": 112 * 112 * 80}
 ANISOTROPY = 3.0
-_FOREGROUND_SAMPLES = 10_000  # per labelled case, for the CT statistics (nnU-Net's number)
+_FOREGROUND_SAMPLES = 10_000  # per labelled case: ample for 0.5 / 99.5 percentiles
 LEVELS = 4
 
 
@@ -94,16 +95,20 @@ class Plan:
         return out
 
     def table(self) -> list[tuple[str, str, str]]:
-        return [(k, show(v), self.reasons.get(k, "")) for k, v in self.values.items()]
+        return [(k, show(v, ", " if k in PAIRS else " x "), self.reasons.get(k, ""))
+                for k, v in self.values.items()]
 
 
-def show(value: Any) -> str:
+PAIRS = ("prepare.ct_window", "prepare.ct_stats")  # (lo, hi) and (mean, std), not sizes
+
+
+def show(value: Any, sep: str = " x ") -> str:
     """``0.625 x 0.625 x 2.5``; nested levels separated by commas."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, tuple | list):
         if all(not isinstance(v, tuple | list) for v in value):
-            return " x ".join(show(v) for v in value)
+            return sep.join(show(v) for v in value)
         return ", ".join(show(v) for v in value)
     return str(value)
 
@@ -129,7 +134,7 @@ def fingerprint(labelled: Sequence[CaseFiles], unlabelled: Sequence[CaseFiles],
 def ct_foreground(cases: Sequence[CaseFiles], h5_spacing: Triple = (1.0, 1.0, 1.0)
                   ) -> dict[str, float] | None:
     """0.5 / 99.5 percentiles, mean and std of foreground voxels sampled from every labelled
-    case (at most 10 000 each, seeded), as nnU-Net's CT normalisation takes them."""
+    case (at most 10 000 each, seeded), as nnU-Net's CT normalisation samples them."""
     from crlnseg.data.cache import load_case
 
     rng = np.random.default_rng(0)
@@ -159,7 +164,10 @@ def target_spacing(spacings: np.ndarray) -> tuple[Triple, str]:
         return _triple(median), "per-axis median of the cases' spacings"
     coarse = int(np.argmax(median))
     target = median.copy()
-    target[coarse] = float(np.percentile(spacings[:, coarse], 10))
+    others = np.delete(median, coarse)
+    # nnU-Net's limit: the coarse axis stays the coarse axis (its 10th percentile may fall
+    # below the in-plane spacing when a few cases are near-isotropic).
+    target[coarse] = max(float(np.percentile(spacings[:, coarse], 10)), float(others.max()))
     return _triple(target), (
         f"per-axis median; anisotropic (median {median.max():.3g} / {median.min():.3g} mm > "
         f"{ANISOTROPY:g}): axis {'XYZ'[coarse]} takes its 10th percentile")
@@ -241,7 +249,7 @@ def plan(fp: Fingerprint, device: str = "cpu",
 
 
 def _intensity(fp: Fingerprint, put: Any) -> None:
-    if fp.modality == "ct" and fp.ct_foreground:
+    if fp.ct_foreground:
         ct = fp.ct_foreground
         put("prepare.normalize", "ct", "CT: one normalisation for the whole dataset")
         put("prepare.ct_window", (ct["p00_5"], ct["p99_5"]),
@@ -335,8 +343,12 @@ def plan_folders(settings: RunSettings, folders: Sequence[Path | None], device: 
         if modality == "auto":
             modality = dataset_modality(folder) or "auto"
     modality = "other" if modality == "auto" else modality
-    fp = fingerprint(raw_lab, raw_unl, prep.h5_spacing,
-                     modality if "prepare.normalize" not in fixed else "other", prep.orientation)
+    given = fixed.get("prepare.normalize", (None, ""))[0]
+    # Dataset-wide CT statistics when the data is CT, or the normalisation was set to ct;
+    # never when another normalisation was set or a cache fixes the preprocessing.
+    sample = (given == "ct" or (given is None and modality == "ct")) and cache is None
+    fp = fingerprint(raw_lab, raw_unl, prep.h5_spacing, "ct" if sample else "other",
+                     prep.orientation)
     fp.spacings = spacings + fp.spacings
     fp.shapes = shapes + fp.shapes
     fp.labelled += counts[0]
