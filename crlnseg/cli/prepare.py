@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
         interpolation: str | None = typer.Option(None, help="Image resampling: bspline | linear."),
         h5_spacing: tuple[float, float, float] | None = typer.Option(
             None, metavar="X Y Z", help="Spacing of HDF5 cases (they store none; default 1 1 1)."),
+        orientation: str | None = typer.Option(
+            None, help="canonical (default: the closest RAS axis order) | input (keep each "
+            "file's array order)."),
         plan: bool = typer.Option(True, "--plan/--no-plan",
                                   help="Plan what no option gives from the dataset."),
         workers: int = typer.Option(1, "--workers", "-j", min=1, help="Parallel processes."),
@@ -44,7 +47,8 @@ def register(app: typer.Typer) -> None:
 
         given = {"target_spacing": target_spacing, "normalize": normalize, "modality": modality,
                  "ct_window": ct_window, "crop_nonzero": crop_nonzero,
-                 "interpolation": interpolation, "h5_spacing": h5_spacing}
+                 "interpolation": interpolation, "h5_spacing": h5_spacing,
+                 "orientation": orientation}
         try:
             settings = PrepareSettings(**{k: v for k, v in given.items() if v is not None})
         except ValidationError as err:
