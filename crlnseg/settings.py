@@ -106,6 +106,8 @@ class ModelSettings(Strict):
     prototype_dim: int = Field(64, ge=4, description="F, prototype (and embedding) width")
     strides: tuple[IntTriple, IntTriple, IntTriple, IntTriple] = Field(((2, 2, 2),) * 4, description="down-sampling X Y Z of each of the four levels; 1: the axis is not pooled there (anisotropic data)")
     kernels: tuple[IntTriple, IntTriple, IntTriple, IntTriple, IntTriple] = Field(((3, 3, 3),) * 5, description="convolution kernel X Y Z of each of the five levels; 1 along an axis too coarse to convolve across")
+    norm: Literal["batch", "instance"] = Field("batch", description="normalisation of the backbone and its projection head: batch (reference) or instance (nnU-Net's, affine)")
+    activation: Literal["relu", "leaky_relu"] = Field("relu", description="activation of the backbone and its projection head: relu (reference) or leaky_relu (nnU-Net's, slope 0.01)")
 
     @field_validator("strides")
     @classmethod
@@ -215,6 +217,12 @@ class RunSettings(Strict):
     @model_validator(mode="after")
     def _patch_fits_the_model(self) -> RunSettings:
         check_patch(self.train.patch, self.model.total_stride, "train.patch")
+        bottleneck = math.prod(p // s for p, s in zip(self.train.patch, self.model.total_stride,
+                                                       strict=True))
+        if self.model.norm == "instance" and bottleneck < 2:
+            raise ValueError(f"model.norm=instance needs more than one bottleneck voxel: "
+                             f"train.patch {tuple(self.train.patch)} / total stride "
+                             f"{tuple(self.model.total_stride)} leaves one")
         return self
 
 

@@ -21,4 +21,5 @@ def build_backbone(model: ModelSettings) -> nn.Module:
     """The backbone named by ``model.backbone``; its embedding width is the prototype width F."""
     cls = {"vnet": VNet, "unet": UNet3D}[model.backbone]
     return cls(model.in_channels, model.num_classes, model.base_filters, model.dropout,
-               model.prototype_dim, model.strides, model.kernels)
+               model.prototype_dim, model.strides, model.kernels, norm=model.norm,
+               activation=model.activation)
