@@ -107,6 +107,7 @@ class ModelSettings(Strict):
     strides: tuple[IntTriple, IntTriple, IntTriple, IntTriple] = Field(((2, 2, 2),) * 4, description="down-sampling X Y Z of each of the four levels; 1: the axis is not pooled there (anisotropic data)")
     kernels: tuple[IntTriple, IntTriple, IntTriple, IntTriple, IntTriple] = Field(((3, 3, 3),) * 5, description="convolution kernel X Y Z of each of the five levels; 1 along an axis too coarse to convolve across")
     norm: Literal["batch", "instance"] = Field("batch", description="normalisation of the backbone and its projection head: batch (reference) or instance (nnU-Net's, affine)")
+    deep_supervision: bool = Field(False, description="auxiliary heads on the 1/2 and 1/4 decoder levels; the supervised loss of every method becomes nnU-Net's weighted sum over resolutions (weights 1, 1/2, 1/4, normalised). Inference never uses the heads")
     activation: Literal["relu", "leaky_relu"] = Field("relu", description="activation of the backbone and its projection head: relu (reference) or leaky_relu (nnU-Net's, slope 0.01)")
 
     @field_validator("strides")

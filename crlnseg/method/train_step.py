@@ -5,6 +5,8 @@
     yhat, c <- pseudo_labels(ybar + (1 - mu) M_T)   after warm-up, when rectifying; else of ybar
     x_s, yhat_s, c_s <- strong view of (x_u, yhat, c)
     L = w_sup seg(f(x_l), y) + w_rel seg(M(x_l), y) + w_unsup L_unsup + w_cps L_cps
+        (seg(f(x_l), y) is the weighted sum over decoder resolutions with model.deep_supervision,
+        crlnseg.method.deep_supervision)
     student step on L; teacher <- EMA(student)
     mu step on 0.5 seg(f + (1 - mu) M, y) of a labelled view, inputs detached, mu clamped to [0, 1]
 Switches (settings.method): "supervised" (first term only), "mean-teacher" (no DIM, no
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from crlnseg.data.views import apply_strong, apply_weak, draw_strong_params, draw_weak_params
 from crlnseg.method.crln import CRLNModel
+from crlnseg.method.deep_supervision import deep_supervision_loss
 from crlnseg.method.losses import pseudo_label_loss, segmentation_loss
 from crlnseg.method.mean_teacher import ema_decay, ema_update
 from crlnseg.method.positive_supervision import positive_supervision_loss
@@ -171,7 +174,11 @@ class StudentObjective(nn.Module):
         use_cps = m.method == "crln" and m.positive_supervision
         x = x_l if x_s is None else torch.cat([x_l, x_s])
         net = self.backbone(x, embed="hidden" if use_cps else "none")
-        terms = {"supervised": segmentation_loss(net.logits[:n_l], y_l)}
+        if getattr(self.backbone, "aux_heads", None) is not None:
+            terms = {"supervised": deep_supervision_loss(
+                [net.logits[:n_l], *self.backbone.deep_logits(net, n_l)], y_l)}
+        else:
+            terms = {"supervised": segmentation_loss(net.logits[:n_l], y_l)}
         relation = None
         if self.interaction is not None and self.prototypes is not None:
             relation = self.interaction(self.prototypes(), net.feat_quarter[:n_l],

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from crlnseg.nets.backbone import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, EncoderDecoder
+from crlnseg.nets.backbone import (
+    ISOTROPIC_KERNELS,
+    ISOTROPIC_STRIDES,
+    EncoderDecoder,
+    deep_supervision_heads,
+)
 from crlnseg.nets.heads import ProjectionHead
 from crlnseg.nets.layers import Activation, Norm, activation_layer, norm_layer
 from crlnseg.types import IntTriple
@@ -49,7 +54,7 @@ class VNet(EncoderDecoder):
     def __init__(self, in_channels: int, num_classes: int, base: int = 16, dropout: bool = True,
                  embed_dim: int = 64, strides: tuple[IntTriple, ...] = ISOTROPIC_STRIDES,
                  kernels: tuple[IntTriple, ...] = ISOTROPIC_KERNELS, norm: Norm = "batch",
-                 activation: Activation = "relu") -> None:
+                 activation: Activation = "relu", deep_supervision: bool = False) -> None:
         super().__init__()
         b, k, s = base, kernels, strides
         na = {"norm": norm, "activation": activation}
@@ -71,6 +76,8 @@ class VNet(EncoderDecoder):
         self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
         self.out_conv = nn.Conv3d(b, num_classes, 1)
         self.head = ProjectionHead(b, b, embed_dim, k[0], **na)
+        self.aux_heads = deep_supervision_heads(2 * b, 4 * b, num_classes) if deep_supervision \
+            else None
         self.checkpoint_activations = False
 
     def down_level(self, i: int, x: Tensor) -> Tensor:
