@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from crlnseg.data.filters import gaussian_filter
+from crlnseg.data.spatial import uniform_halves
 from crlnseg.data.views import numpy_rng
 from crlnseg.settings import AugmentSettings
 
@@ -49,12 +50,6 @@ def intensity_enabled(settings: AugmentSettings) -> bool:
                s.gamma_p) > 0
 
 
-def _halves(rng, lo: float, hi: float) -> float:
-    if rng.uniform() < 0.5 and lo < 1:
-        return float(rng.uniform(lo, 1.0))
-    return float(rng.uniform(max(lo, 1.0), hi))
-
-
 def draw_intensity_params(batch_size: int, channels: int, generator: torch.Generator,
                           settings: AugmentSettings) -> IntensityParams:
     s, rng = settings, numpy_rng(generator)
@@ -65,9 +60,9 @@ def draw_intensity_params(batch_size: int, channels: int, generator: torch.Gener
         noise = (int(rng.integers(0, 2**62)), float(rng.uniform(*s.gaussian_noise_sigma)))
         values = [[float(rng.uniform(*s.blur_sigma)) for _ in range(channels)],
                   [float(rng.uniform(*s.brightness)) for _ in range(channels)],
-                  [_halves(rng, *s.contrast) for _ in range(channels)],
-                  [_halves(rng, *s.gamma) for _ in range(channels)],
-                  [_halves(rng, *s.gamma) for _ in range(channels)]]
+                  [uniform_halves(rng, *s.contrast) for _ in range(channels)],
+                  [uniform_halves(rng, *s.gamma) for _ in range(channels)],
+                  [uniform_halves(rng, *s.gamma) for _ in range(channels)]]
         out.noise.append(noise if on[0] else None)
         for field, v, used in zip((out.blur, out.brightness, out.contrast, out.gamma_inverted,
                                    out.gamma), values, on[1:], strict=True):

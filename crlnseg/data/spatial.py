@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,7 +33,7 @@ from crlnseg.settings import AugmentSettings
 from crlnseg.types import IGNORE
 
 __all__ = ["SpatialParams", "spatial_enabled", "draw_spatial_params", "rotation_matrix",
-           "source_points", "sample_points", "apply_spatial"]
+           "source_points", "sample_points", "apply_spatial", "uniform_halves"]
 
 _EDGE = 1e-3  # voxels: q this far past the border still counts as inside (float error)
 
@@ -55,8 +56,8 @@ def spatial_enabled(settings: AugmentSettings) -> bool:
     return max(s.rotation_p, s.scale_p, s.elastic_p, *s.mirror_p) > 0
 
 
-def _halves(rng, lo: float, hi: float) -> float:
-    """batchgenerators' draw: below 1 half the time when the range allows it."""
+def uniform_halves(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """batchgenerators' draw of a factor: below 1 half the time when the range allows it."""
     if rng.uniform() < 0.5 and lo < 1:
         return float(rng.uniform(lo, 1.0))
     return float(rng.uniform(max(lo, 1.0), hi))
@@ -72,7 +73,7 @@ def draw_spatial_params(batch_size: int, generator: torch.Generator, settings: A
         degrees = rng.uniform(*s.rotation, 3)
         params.angles.append(tuple(math.radians(float(a)) if on[0] and use else 0.0
                                    for a, use in zip(degrees, axes, strict=True)))
-        scale = _halves(rng, *s.scale)
+        scale = uniform_halves(rng, *s.scale)
         params.scale.append(scale if on[1] else 1.0)
         seed, alpha, sigma = (int(rng.integers(0, 2**62)), float(rng.uniform(*s.elastic_alpha)),
                               float(rng.uniform(*s.elastic_sigma)))
