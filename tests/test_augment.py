@@ -114,3 +114,17 @@ def test_the_teacher_sees_the_transformed_view_and_outside_voxels_are_ignored(mo
     assert torch.equal(image, x_u) and inside is not None and not inside.all()
     assert (label[~inside] == IGNORE).all() and (conf[~inside] == 0).all()
     assert (label[inside] != IGNORE).all()
+
+
+def test_an_anisotropic_model_trains_with_every_option_on():
+    base = tiny("crln").model_dump()
+    base["model"].update(strides=[[2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
+                         kernels=[[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]])
+    base["augment"].update(rotation_axes="in-plane", rotation=(-180.0, 180.0))
+    base["train"]["patch"] = (32, 32, 8)
+    settings = RunSettings.model_validate(base)
+    state = init_state(settings, torch.device("cpu"))
+    x = torch.randn(4, 1, 32, 32, 8, generator=torch.Generator().manual_seed(0))
+    record = train_step(state, Batch(x[:2], (x[:2, 0] > 0).long(), x[2:]), settings,
+                        torch.Generator().manual_seed(0), total_iterations=10)
+    assert all(math.isfinite(v) for v in record.as_dict().values() if v is not None)
