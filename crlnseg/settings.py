@@ -53,6 +53,17 @@ def check_patch(patch: IntTriple, total_stride: IntTriple, what: str = "patch") 
         raise ValueError(f"{what}: each side must be {sides}, got {tuple(patch)}")
 
 
+def _range(v: tuple[float, float], lo: float, hi: float, open_low: bool = False
+           ) -> tuple[float, float]:
+    """A (LO, HI) range with LO <= HI inside [lo, hi] (lo excluded when ``open_low``)."""
+    low_ok = v[0] > lo if open_low else v[0] >= lo
+    if not (low_ok and v[0] <= v[1] <= hi):  # NaN fails too
+        bound = f"LO > {lo:g}" if open_low else f"LO >= {lo:g}"
+        bound += "" if hi == math.inf else f" and HI <= {hi:g}"
+        raise ValueError(f"needs LO <= HI with {bound}, got {tuple(v)}")
+    return v
+
+
 class Strict(BaseModel):
     """Base: unknown keys are errors, so a typo in a settings file is caught."""
 
@@ -106,6 +117,9 @@ class ModelSettings(Strict):
     prototype_dim: int = Field(64, ge=4, description="F, prototype (and embedding) width")
     strides: tuple[IntTriple, IntTriple, IntTriple, IntTriple] = Field(((2, 2, 2),) * 4, description="down-sampling X Y Z of each of the four levels; 1: the axis is not pooled there (anisotropic data)")
     kernels: tuple[IntTriple, IntTriple, IntTriple, IntTriple, IntTriple] = Field(((3, 3, 3),) * 5, description="convolution kernel X Y Z of each of the five levels; 1 along an axis too coarse to convolve across")
+    norm: Literal["batch", "instance"] = Field("batch", description="normalisation of the backbone and its projection head: batch (reference) or instance (nnU-Net's, affine)")
+    deep_supervision: bool = Field(False, description="auxiliary heads on the 1/2 and 1/4 decoder levels; the supervised loss of every method becomes nnU-Net's weighted sum over resolutions (weights 1, 1/2, 1/4, normalised). Inference never uses the heads")
+    activation: Literal["relu", "leaky_relu"] = Field("relu", description="activation of the backbone and its projection head: relu (reference) or leaky_relu (nnU-Net's, slope 0.01)")
 
     @field_validator("strides")
     @classmethod
@@ -161,6 +175,53 @@ class AugmentSettings(Strict):
     noise_clip: float = Field(0.2, ge=0, description="noise clipped to +-this")
     noise_p: float = Field(0.5, ge=0, le=1, description="probability of noise")
     flip_p: float = Field(0.5, ge=0, le=1, description="probability of the strong rot90/flip")
+    # nnU-Net's spatial augmentation (data/spatial.py), after the weak view: labelled crops, and
+    # the unlabelled weak view before the teacher sees it. Defaults off; nnU-Net's values in [].
+    rotation_p: float = Field(0.0, ge=0, le=1, description="probability of a rotation per crop [0.2]")
+    rotation: tuple[float, float] = Field((-30.0, 30.0), description="rotation angle range in degrees, drawn per rotated axis [-30 30; in-plane for anisotropic data: -180 180]")
+    rotation_axes: Literal["all", "in-plane"] = Field("all", description="rotate about X, Y and Z, or in-plane (about Z) only")
+    scale_p: float = Field(0.0, ge=0, le=1, description="probability of a scaling per crop [0.2]")
+    scale: tuple[float, float] = Field((0.7, 1.4), description="scale range; > 1 shows a larger field of view (the content shrinks) [0.7 1.4]")
+    elastic_p: float = Field(0.0, ge=0, le=1, description="probability of an elastic deformation per crop [0: off in nnU-Net v2; 0.2 in v1]")
+    elastic_alpha: tuple[float, float] = Field((0.0, 900.0), description="elastic magnitude range (times the smoothed U(-1, 1) noise) [0 900]")
+    elastic_sigma: tuple[float, float] = Field((9.0, 13.0), description="elastic smoothing sigma range in voxels [9 13]")
+    mirror_p: Triple = Field((0.0, 0.0, 0.0), description="probability of mirroring along X, Y, Z per crop, after the other spatial transforms [0.5 0.5 0.5]")
+    spatial_unlabelled: bool = Field(True, description="apply the spatial transforms to the unlabelled weak view too, before the teacher sees it (pseudo-labels stay aligned; voxels from outside the crop are ignored)")
+    # nnU-Net's intensity augmentation (data/intensity.py), labelled crops only: on the unlabelled
+    # stream it would change the teacher's weak view. Defaults off; nnU-Net's values in [].
+    gaussian_noise_p: float = Field(0.0, ge=0, le=1, description="probability of Gaussian noise per labelled crop [0.1]")
+    gaussian_noise_sigma: tuple[float, float] = Field((0.0, 0.1), description="noise sigma range [0 0.1]")
+    blur_p: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur per labelled crop, every channel blurred [0.2, then 0.5 per channel]")
+    blur_sigma: tuple[float, float] = Field((0.5, 1.0), description="blur sigma range in voxels, drawn per channel [0.5 1]")
+    brightness_p: float = Field(0.0, ge=0, le=1, description="probability of a multiplicative brightness change per labelled crop [0.15]")
+    brightness: tuple[float, float] = Field((0.75, 1.25), description="brightness factor range, drawn per channel [0.75 1.25]")
+    contrast_p: float = Field(0.0, ge=0, le=1, description="probability of a contrast change per labelled crop [0.15]")
+    contrast: tuple[float, float] = Field((0.75, 1.25), description="contrast factor range around the mean, range kept, drawn per channel [0.75 1.25]")
+    gamma_inverted_p: float = Field(0.0, ge=0, le=1, description="probability of a gamma transform of the inverted intensities per labelled crop [0.1]")
+    gamma_p: float = Field(0.0, ge=0, le=1, description="probability of a gamma transform per labelled crop [0.3]")
+    gamma: tuple[float, float] = Field((0.7, 1.5), description="gamma range, drawn per channel, mean and std kept [0.7 1.5]")
+
+    @field_validator("rotation")
+    @classmethod
+    def _degrees(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _range(v, -180.0, 180.0)
+
+    @field_validator("scale", "elastic_sigma", "blur_sigma", "gamma")
+    @classmethod
+    def _positive_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _range(v, 0.0, math.inf, open_low=True)
+
+    @field_validator("elastic_alpha", "gaussian_noise_sigma", "brightness", "contrast")
+    @classmethod
+    def _non_negative_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _range(v, 0.0, math.inf)
+
+    @field_validator("mirror_p")
+    @classmethod
+    def _probabilities(cls, v: Triple) -> Triple:
+        if not all(0 <= p <= 1 for p in v):
+            raise ValueError(f"each probability must lie in 0 .. 1, got {tuple(v)}")
+        return v
 
 
 class OptimSettings(Strict):
@@ -215,6 +276,12 @@ class RunSettings(Strict):
     @model_validator(mode="after")
     def _patch_fits_the_model(self) -> RunSettings:
         check_patch(self.train.patch, self.model.total_stride, "train.patch")
+        bottleneck = math.prod(p // s for p, s in zip(self.train.patch, self.model.total_stride,
+                                                       strict=True))
+        if self.model.norm == "instance" and bottleneck < 2:
+            raise ValueError(f"model.norm=instance needs more than one bottleneck voxel: "
+                             f"train.patch {tuple(self.train.patch)} / total stride "
+                             f"{tuple(self.model.total_stride)} leaves one")
         return self
 
 

@@ -129,3 +129,37 @@ def test_an_anisotropic_model_trains_a_step():
     batch = Batch(x[:2], (x[:2, 0] > 0.5).long(), x[2:])
     record = train_step(state, batch, settings, g, total_iterations=10)
     assert record.loss > 0 and record.loss_relation is not None
+
+
+@pytest.mark.parametrize("backbone", ["vnet", "unet"])
+@pytest.mark.parametrize("topology", [{}, ANISOTROPIC])
+def test_instance_norm_and_leaky_relu_build_and_run(backbone, topology):
+    patch = (32, 32, 8) if topology else (32, 32, 32)
+    settings = tiny(model={"backbone": backbone, "norm": "instance", "activation": "leaky_relu",
+                           **topology}, train={"patch": patch})
+    model = build_model(settings)
+    kinds = {type(m) for m in model.backbone.modules()}
+    assert torch.nn.InstanceNorm3d in kinds and torch.nn.LeakyReLU in kinds
+    assert torch.nn.BatchNorm3d not in kinds and torch.nn.ReLU not in kinds
+    x = torch.randn(2, 1, *patch)
+    out = model.train()(x)
+    assert out.logits.shape == (2, 3, *patch) and torch.isfinite(out.logits).all()
+    out.logits.sum().backward()
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x).relation).all()
+
+
+def test_default_backbone_keeps_batch_norm_and_relu():
+    kinds = {type(m) for m in build_backbone(tiny().model).modules()}
+    assert torch.nn.BatchNorm3d in kinds and torch.nn.ReLU in kinds
+    assert torch.nn.InstanceNorm3d not in kinds and torch.nn.LeakyReLU not in kinds
+
+
+def test_instance_norm_needs_more_than_one_bottleneck_voxel():
+    with pytest.raises(ValueError, match="more than one bottleneck voxel"):
+        tiny(model={"norm": "instance"}, train={"patch": (16, 16, 16)})
+    tiny(model={"norm": "instance"}, train={"patch": (32, 16, 16)})
+    with pytest.raises(ValueError):
+        tiny(model={"norm": "group"})
+    with pytest.raises(ValueError):
+        tiny(model={"activation": "gelu"})

@@ -24,7 +24,7 @@ from crlnseg.settings import AugmentSettings
 from crlnseg.types import IGNORE
 
 __all__ = ["WeakParams", "StrongParams", "draw_weak_params", "apply_weak", "draw_strong_params",
-           "apply_strong", "IGNORE"]
+           "apply_strong", "numpy_rng", "IGNORE"]
 
 
 @dataclass
@@ -47,14 +47,14 @@ class StrongParams:
     noise_clip: float = 0.2
 
 
-def _rng(generator: torch.Generator) -> np.random.Generator:
+def numpy_rng(generator: torch.Generator) -> np.random.Generator:
     """A numpy generator seeded from the torch one (numpy has Beta; torch's takes no generator)."""
     return np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
 
 
 def draw_weak_params(batch_size: int, generator: torch.Generator, settings: AugmentSettings,
                      square: bool = True) -> WeakParams:
-    rng = _rng(generator)
+    rng = numpy_rng(generator)
     rot = rng.integers(0, 4, batch_size) if square else 2 * rng.integers(0, 2, batch_size)
     lo, hi = settings.weak_intensity
     return WeakParams([int(k) for k in rot], [int(a) for a in rng.integers(0, 2, batch_size)],
@@ -80,7 +80,7 @@ def apply_weak(image: Tensor, label: Tensor | None, params: WeakParams
 
 def draw_strong_params(batch_size: int, generator: torch.Generator, settings: AugmentSettings,
                        square: bool = True) -> StrongParams:
-    s, rng = settings, _rng(generator)
+    s, rng = settings, numpy_rng(generator)
     boxes: list[tuple[float, float, float, float]] = []
     for _ in range(batch_size if batch_size > 1 else 0):
         cut = float(np.sqrt(1.0 - rng.beta(s.cutmix_beta, s.cutmix_beta)))

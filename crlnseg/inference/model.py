@@ -10,6 +10,7 @@ from crlnseg.config import settings_from_dict
 from crlnseg.errors import CheckpointError
 from crlnseg.inference.choice import check_choice
 from crlnseg.method.crln import CRLNModel, build_model
+from crlnseg.nets import strip_deep_supervision
 from crlnseg.settings import RunSettings
 
 __all__ = ["load_inference_model"]
@@ -21,9 +22,12 @@ def load_inference_model(model: Path, which: str = "last",
     path = resolve_checkpoint(model, which)
     data = load_checkpoint(path, map_location="cpu")
     settings = settings_from_dict(data["settings"], source=str(path))
-    net = build_model(settings)
+    # Inference never uses deep-supervision heads: built without them, loaded with or without.
+    plain = settings.model_copy(update={"model": settings.model.model_copy(
+        update={"deep_supervision": False})})
+    net = build_model(plain)
     try:
-        net.load_state_dict(data["state"]["teacher"])
+        net.load_state_dict(strip_deep_supervision(data["state"]["teacher"]))
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: teacher weights do not match the model "
                               f"({clean_message(str(err))})") from None

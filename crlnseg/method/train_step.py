@@ -5,6 +5,8 @@
     yhat, c <- pseudo_labels(ybar + (1 - mu) M_T)   after warm-up, when rectifying; else of ybar
     x_s, yhat_s, c_s <- strong view of (x_u, yhat, c)
     L = w_sup seg(f(x_l), y) + w_rel seg(M(x_l), y) + w_unsup L_unsup + w_cps L_cps
+        (seg(f(x_l), y) is the weighted sum over decoder resolutions with model.deep_supervision,
+        crlnseg.method.deep_supervision)
     student step on L; teacher <- EMA(student)
     mu step on 0.5 seg(f + (1 - mu) M, y) of a labelled view, inputs detached, mu clamped to [0, 1]
 Switches (settings.method): "supervised" (first term only), "mean-teacher" (no DIM, no
@@ -27,8 +29,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from crlnseg.data.augment import augment_labelled, augment_unlabelled
 from crlnseg.data.views import apply_strong, apply_weak, draw_strong_params, draw_weak_params
 from crlnseg.method.crln import CRLNModel
+from crlnseg.method.deep_supervision import deep_supervision_loss
 from crlnseg.method.losses import pseudo_label_loss, segmentation_loss
 from crlnseg.method.mean_teacher import ema_decay, ema_update
 from crlnseg.method.positive_supervision import positive_supervision_loss
@@ -110,13 +114,22 @@ def warmup_iterations(fraction: float, total: int) -> int:
     return int(round(fraction * total))
 
 
+def _masked(label: Tensor, conf: Tensor, inside: Tensor | None) -> tuple[Tensor, Tensor]:
+    if inside is None:
+        return label, conf
+    inside = inside.to(label.device)
+    return torch.where(inside, label, IGNORE), torch.where(inside, conf, 0.0)
+
+
 @torch.no_grad()
 def teacher_pseudo_labels(state: StepState, x_u: Tensor, rectifying: bool, settings: RunSettings,
-                          x_mu: Tensor | None = None
+                          x_mu: Tensor | None = None, inside: Tensor | None = None
                           ) -> tuple[Tensor, Tensor, float, float | None, Tensor | None,
                                      Tensor | None]:
     """(yhat, confidence, share confident before, after rectification) from the weak view x_u,
-    and the teacher's detached f, M of ``x_mu`` (the mu view) when given, from the same pass."""
+    and the teacher's detached f, M of ``x_mu`` (the mu view) when given, from the same pass.
+    Voxels outside ``inside`` (read from beyond the crop by a spatial transform) get IGNORE
+    and confidence 0, as the strong view's padding."""
     thr = settings.method.confidence_threshold
     n_u = x_u.shape[0]
     x = x_u if x_mu is None else torch.cat([x_u, x_mu])
@@ -127,11 +140,12 @@ def teacher_pseudo_labels(state: StepState, x_u: Tensor, rectifying: bool, setti
         f_mu, m_mu = out.logits[n_u:].float(), out.relation[n_u:].float()
     logits = out.logits[:n_u]
     relation = None if out.relation is None else out.relation[:n_u]
-    label, conf = pseudo_labels(logits)
+    label, conf = _masked(*pseudo_labels(logits), inside)
     raw, rectified = confident_share(conf, thr), None
     if rectifying and relation is not None:
         mu = state.student.mu.detach()  # the mu being learned, not its EMA
-        label, conf = pseudo_labels(rectify(logits.float(), relation.float(), mu))
+        label, conf = _masked(*pseudo_labels(rectify(logits.float(), relation.float(), mu)),
+                              inside)
         rectified = confident_share(conf, thr)
     return label, conf, raw, rectified, f_mu, m_mu
 
@@ -171,7 +185,11 @@ class StudentObjective(nn.Module):
         use_cps = m.method == "crln" and m.positive_supervision
         x = x_l if x_s is None else torch.cat([x_l, x_s])
         net = self.backbone(x, embed="hidden" if use_cps else "none")
-        terms = {"supervised": segmentation_loss(net.logits[:n_l], y_l)}
+        if getattr(self.backbone, "aux_heads", None) is not None:
+            terms = {"supervised": deep_supervision_loss(
+                [net.logits[:n_l], *self.backbone.deep_logits(net, n_l)], y_l)}
+        else:
+            terms = {"supervised": segmentation_loss(net.logits[:n_l], y_l)}
         relation = None
         if self.interaction is not None and self.prototypes is not None:
             relation = self.interaction(self.prototypes(), net.feat_quarter[:n_l],
@@ -216,18 +234,23 @@ def _mu_step(state: StepState, f_l: Tensor, m_l: Tensor, y_l: Tensor) -> float:
 
 
 def _views(batch: Batch, settings: RunSettings, generator: torch.Generator, device: torch.device
-           ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Weak views of the labelled (image, label) and unlabelled crops, on the device."""
+           ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Weak views of the labelled (image, label) and unlabelled crops, on the device, with
+    nnU-Net's augmentation where set (crlnseg.data.augment), and the mask of unlabelled voxels
+    whose source lies inside the crop (None: all)."""
+    aug = settings.augment
     x_l = batch.labelled_image.to(device, non_blocking=True)
     square = x_l.shape[2] == x_l.shape[3]
-    weak = draw_weak_params(x_l.shape[0], generator, settings.augment, square)
+    weak = draw_weak_params(x_l.shape[0], generator, aug, square)
     x_l, y_l = apply_weak(x_l, batch.labelled_label.to(device, non_blocking=True), weak)
+    assert y_l is not None
+    x_l, y_l = augment_labelled(x_l, y_l, aug, generator)
     if batch.unlabelled_image.shape[0] == 0 or settings.method.method == "supervised":
-        return x_l, y_l, None
+        return x_l, y_l, None, None
     x_u = batch.unlabelled_image.to(device, non_blocking=True)
-    x_u, _ = apply_weak(x_u, None, draw_weak_params(x_u.shape[0], generator, settings.augment,
-                                                    square))
-    return x_l, y_l, x_u
+    x_u, _ = apply_weak(x_u, None, draw_weak_params(x_u.shape[0], generator, aug, square))
+    x_u, inside = augment_unlabelled(x_u, aug, generator)
+    return x_l, y_l, x_u, inside
 
 
 def _optimise(state: StepState, loss: Tensor) -> None:
@@ -252,7 +275,7 @@ def train_step(state: StepState, batch: Batch, settings: RunSettings,
     rectifying = m.method == "crln" and m.rectify and after_warmup
     state.student.train()
     state.teacher.eval()
-    x_l, y_l, x_u = _views(batch, settings, generator, place.device)
+    x_l, y_l, x_u, inside = _views(batch, settings, generator, place.device)
     x_s = y_s = c_s = None
     raw = rectified = None
     x_mu = y_mu = f_mu = m_mu = None
@@ -262,7 +285,7 @@ def train_step(state: StepState, batch: Batch, settings: RunSettings,
         x_mu = place.put(x_mu)
     if x_u is not None:
         label, conf, raw, rectified, f_mu, m_mu = teacher_pseudo_labels(
-            state, place.put(x_u), rectifying, settings, x_mu)
+            state, place.put(x_u), rectifying, settings, x_mu, inside)
         x_s, y_s, c_s = apply_strong(x_u, label, conf, draw_strong_params(
             x_u.shape[0], generator, settings.augment, x_u.shape[2] == x_u.shape[3]))
         x_s = place.put(x_s)

@@ -1,5 +1,5 @@
 """Projection head for the contrastive embedding (method/METHOD.md Sec. 1): conv3 -> BN -> ReLU
--> conv1.
+-> conv1 (norm and activation as the backbone's, ``model.norm`` and ``model.activation``).
 
 The head is split in two on purpose: ``hidden`` (conv3 -> BN -> ReLU) and ``project`` (the final
 1x1x1 conv, an affine map H -> F). Positive supervision only needs the embedding at sampled voxels
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from crlnseg.nets.layers import Activation, Norm, activation_layer, norm_layer
+
 __all__ = ["ProjectionHead"]
 
 
@@ -20,12 +22,13 @@ class ProjectionHead(nn.Module):
     """Full-resolution embedding: ``project(hidden(x))``, ``(B, H, X, Y, Z) -> (B, F, X, Y, Z)``."""
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int,
-                 kernel: tuple[int, int, int] = (3, 3, 3)) -> None:
+                 kernel: tuple[int, int, int] = (3, 3, 3), norm: Norm = "batch",
+                 activation: Activation = "relu") -> None:
         super().__init__()
         self.hidden = nn.Sequential(
             nn.Conv3d(in_channels, hidden_channels, kernel, padding=tuple(k // 2 for k in kernel)),
-            nn.BatchNorm3d(hidden_channels),
-            nn.ReLU(inplace=True),
+            norm_layer(norm, hidden_channels),
+            activation_layer(activation),
         )
         self.project = nn.Conv3d(hidden_channels, out_channels, 1)
 
