@@ -27,10 +27,10 @@ from crlnseg.console import track
 from crlnseg.errors import DataError, OutputExistsError
 from crlnseg.io.paths import split_suffix
 from crlnseg.io.readers import GEOMETRY_TOL, label_array
-from crlnseg.metrics import case_metrics
+from crlnseg.metrics import case_metrics, usable_cores
 from crlnseg.settings import EvaluateSettings
 
-__all__ = ["Pair", "Report", "evaluate", "evaluate_pair",
+__all__ = ["Pair", "Report", "evaluate", "evaluate_pair", "query_threads",
            "evaluate_pairs", "match_cases", "plan_pairs", "check_output", "summarize",
            "bootstrap_ci"]
 
@@ -70,9 +70,10 @@ def _read(path: Path, case: str, side: str) -> tuple[np.ndarray, object]:
     return array, volume.geometry
 
 
-def evaluate_pair(pair: Pair, classes: list[int] | None, voxel_units: bool
+def evaluate_pair(pair: Pair, classes: list[int] | None, voxel_units: bool, threads: int = -1
                   ) -> tuple[list[dict], list[int]]:
-    """Rows for one case (classes: given, else labels in either mask) and its GT labels."""
+    """Rows for one case (classes: given, else labels in either mask) and its GT labels;
+    ``threads``: of the surface-distance queries (-1: every core)."""
     if pair.pred is None or pair.gt is None:
         return [], []
     pred, pred_geometry = _read(pair.pred, pair.case, "prediction")
@@ -84,12 +85,23 @@ def evaluate_pair(pair: Pair, classes: list[int] | None, voxel_units: bool
         raise DataError(f"case {pair.case}: prediction geometry differs from the ground truth "
                         f"by more than {GEOMETRY_TOL:g}: {_difference(pred_geometry, gt_geometry)} "
                         f"({pair.pred})")
-    gt_labels = [int(v) for v in np.unique(gt) if v != 0]
+    gt_labels = _labels(gt)
     if classes is None:
-        classes = sorted(set(gt_labels) | {int(v) for v in np.unique(pred) if v != 0})
+        classes = sorted(set(gt_labels) | set(_labels(pred)))
     spacing = None if voxel_units else tuple(gt_geometry.spacing)
-    rows = case_metrics(pred, gt, classes, spacing)
+    rows = case_metrics(pred, gt, classes, spacing, threads)
     return [{"case": pair.case, **row} for row in rows], gt_labels
+
+
+def _labels(array: np.ndarray, few: int = 32) -> list[int]:
+    """The non-zero labels of a mask; a comparison per label up to ``few`` (a binary mask costs
+    two passes instead of ``numpy.unique``'s sort or hash of the whole volume)."""
+    if array.size == 0:
+        return []
+    top = int(array.max())
+    if top <= few:
+        return [k for k in range(1, top + 1) if (array == k).any()]
+    return [int(v) for v in np.unique(array) if v != 0]
 
 
 def _difference(pred: object, gt: object) -> str:
@@ -103,8 +115,15 @@ def _difference(pred: object, gt: object) -> str:
     return "; ".join(parts)
 
 
-def _run(job: tuple[Pair, list[int] | None, bool]) -> tuple[list[dict], list[int]]:
+def _run(job: tuple[Pair, list[int] | None, bool, int]) -> tuple[list[dict], list[int]]:
     return evaluate_pair(*job)
+
+
+def query_threads(settings: EvaluateSettings, cases: int) -> int:
+    """``settings.threads``, else the usable cores shared by the processes (at least 1 each)."""
+    if settings.threads is not None:
+        return settings.threads
+    return max(1, usable_cores() // max(1, min(settings.workers, cases)))
 
 
 def match_cases(pred_dir: Path, gt_dir: Path, allow_missing: bool) -> list[Pair]:
@@ -138,8 +157,10 @@ def _both_empty_row(case: str, k: int) -> dict:
 
 
 def evaluate_pairs(pairs: list[Pair], settings: EvaluateSettings) -> Report:
-    """Compute every pair (in a process pool with ``workers`` > 1) and summarise."""
-    jobs = [(pair, settings.classes, settings.voxel_units) for pair in pairs]
+    """Compute every pair (in a process pool with ``workers`` > 1, each process querying
+    surface distances with :func:`query_threads` threads) and summarise."""
+    threads = query_threads(settings, len(pairs))
+    jobs = [(pair, settings.classes, settings.voxel_units, threads) for pair in pairs]
     if settings.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(settings.workers, len(jobs))) as pool:
             results = list(track(pool.map(_run, jobs), "evaluating", total=len(jobs)))

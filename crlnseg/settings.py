@@ -340,5 +340,8 @@ class EvaluateSettings(Strict):
         0, ge=0, description="bootstrap resamples for the 95% interval of each mean; 0: none")
     seed: int = Field(0, description="seed of the bootstrap")
     workers: int = Field(1, ge=1, description="processes computing cases in parallel")
+    threads: int | None = Field(
+        None, ge=1, description="threads of each process's surface-distance queries; None: the "
+        "CPU cores divided among the processes")
     allow_missing: bool = Field(
         False, description="score cases present on one side only as failures instead of stopping")

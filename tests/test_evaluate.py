@@ -13,8 +13,16 @@ import SimpleITK as sitk
 from medpy.metric import binary as mb
 from typer.testing import CliRunner
 
+from crlnseg import evaluate as evaluate_module
 from crlnseg.errors import DataError
-from crlnseg.evaluate import EvaluateSettings, bootstrap_ci, evaluate, summarize
+from crlnseg.evaluate import (
+    EvaluateSettings,
+    _labels,
+    bootstrap_ci,
+    evaluate,
+    query_threads,
+    summarize,
+)
 
 SPACING = (0.8, 1.2, 2.5)
 SHAPE = (14, 12, 10)
@@ -176,6 +184,28 @@ def test_bootstrap_is_seeded_and_workers_agree(folders) -> None:
     values = np.random.default_rng(0).random(20)
     assert bootstrap_ci(values, 200, 3) == bootstrap_ci(values, 200, 3)
     assert bootstrap_ci(values, 200, 3) != bootstrap_ci(values, 200, 4)
+
+
+def test_threads_change_nothing_and_default_to_the_cores_per_process(folders, monkeypatch
+                                                                      ) -> None:
+    pred_dir, gt_dir, _ = folders
+    assert _cli(pred_dir, gt_dir, "--threads", "1").stdout == _cli(pred_dir, gt_dir).stdout
+    _one_line_exit_2(_cli(pred_dir, gt_dir, "--threads", "0"), "threads")
+    monkeypatch.setattr(evaluate_module, "usable_cores", lambda: 8)
+    assert query_threads(EvaluateSettings(), 10) == 8
+    assert query_threads(EvaluateSettings(workers=3), 10) == 2
+    assert query_threads(EvaluateSettings(workers=4), 2) == 4  # 2 cases: 2 processes
+    assert query_threads(EvaluateSettings(workers=16), 20) == 1
+    assert query_threads(EvaluateSettings(workers=2, threads=5), 20) == 5
+
+
+def test_labels_found_with_and_without_the_per_label_comparison() -> None:
+    mask = np.zeros((4, 5, 6), np.int32)
+    assert _labels(mask) == [] and _labels(mask[:0]) == []
+    mask[0, 0, 0], mask[1, 2, 3] = 3, 1
+    assert _labels(mask) == [1, 3] and _labels(mask.astype(np.uint8), few=2) == [1, 3]
+    mask[2, 2, 2] = 40_000
+    assert _labels(mask) == [1, 3, 40_000]
 
 
 def test_bootstrap_ci_matches_a_direct_resampling() -> None:

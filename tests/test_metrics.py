@@ -1,15 +1,23 @@
-"""crlnseg.metrics equals medpy.metric.binary (dc, jc, hd95, asd) on many seeded random masks."""
+"""crlnseg.metrics equals medpy.metric.binary (dc, jc, hd95, asd) on many seeded random masks.
+
+Both surface-distance methods (KD-tree and distance transform) are checked, each forced, and the
+automatic choice; values must agree with medpy to 1e-9 relative (in practice to the last bit).
+"""
 
 from __future__ import annotations
+
+from unittest import mock
 
 import numpy as np
 import pytest
 from medpy.metric import binary as mb
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import binary_erosion, gaussian_filter, generate_binary_structure
 
+from crlnseg import metrics
 from crlnseg.metrics import (
     asd,
     case_metrics,
+    choose_method,
     crop_to_union,
     dice,
     hd95,
@@ -20,6 +28,9 @@ from crlnseg.metrics import (
 )
 
 SPACINGS = [None, (0.7, 1.3, 2.9), (1.25, 1.25, 1.25), (0.4, 0.4, 3.0)]
+METHODS = ("kdtree", "edt", "auto")
+RTOL = 1e-9
+MEDPY_DISTANCES = mb.__dict__["__surface_distances"]
 
 
 def _blob(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -79,7 +90,7 @@ def _pairs(seed: int, count: int, ndim: int = 3):
 
 
 def _close(ours: float, theirs: float) -> bool:
-    return abs(ours - theirs) <= 1e-6 * max(abs(theirs), 1e-12)
+    return abs(ours - theirs) <= RTOL * max(abs(theirs), 1e-12)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -115,10 +126,9 @@ def test_crop_changes_nothing_and_padding_changes_nothing() -> None:
         big_p, big_r = np.pad(pred, pad), np.pad(ref, pad)
         for spacing in (None, (0.7, 1.3, 2.9)):
             to_ref, to_pred = surface_distances(big_p, big_r, spacing)
-            full = mb.__dict__["__surface_distances"](big_p, big_r, spacing)
+            full = MEDPY_DISTANCES(big_p, big_r, spacing)
             np.testing.assert_allclose(to_ref, full, rtol=1e-12)
-            np.testing.assert_allclose(
-                to_pred, mb.__dict__["__surface_distances"](big_r, big_p, spacing), rtol=1e-12)
+            np.testing.assert_allclose(to_pred, MEDPY_DISTANCES(big_r, big_p, spacing), rtol=1e-12)
         # The cropped surfaces are exactly the full surfaces, for margins 0, 1 and 3.
         for margin in (0, 1, 3):
             cp, cr = crop_to_union(big_p, big_r, margin)
@@ -176,3 +186,94 @@ def test_case_metrics_per_class() -> None:
     assert rows[2] == {"class": 5, "dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
     with pytest.raises(ValueError, match="shapes differ"):
         case_metrics(pred[:-1], ref, [1])
+
+
+def _assert_equals_medpy(pred: np.ndarray, ref: np.ndarray, spacing, method: str) -> None:
+    """Per-voxel distances (same C order as medpy), HD95 and ASD of one method."""
+    to_ref, to_pred = surface_distances(pred, ref, spacing, method=method)
+    np.testing.assert_allclose(to_ref, MEDPY_DISTANCES(pred, ref, spacing), rtol=RTOL, atol=0)
+    np.testing.assert_allclose(to_pred, MEDPY_DISTANCES(ref, pred, spacing), rtol=RTOL, atol=0)
+    h, a = hd95_asd(pred, ref, spacing, method=method)
+    np.testing.assert_allclose([h, a], [mb.hd95(pred, ref, voxelspacing=spacing),
+                                        mb.asd(pred, ref, voxelspacing=spacing)],
+                               rtol=RTOL, atol=0, err_msg=f"{method}, spacing {spacing}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_equals_medpy_on_blobs_with_anisotropic_spacing(method: str) -> None:
+    rng = np.random.default_rng(21)
+    for _ in range(12):
+        shape = tuple(int(s) for s in rng.integers(8, 40, size=3))
+        pred, ref = _blob(rng, shape), _blob(rng, shape)
+        if rng.random() < 0.5:  # a deformed copy: surfaces close together, as for a prediction
+            ref = gaussian_filter(pred.astype(float), 1.5) > rng.uniform(0.3, 0.7)
+        if not (pred.any() and ref.any()):
+            continue
+        for spacing in ((0.7, 1.3, 2.9), (0.4, 0.4, 3.0), (1 / 3, 1 / 7, 0.9), None):
+            _assert_equals_medpy(pred, ref, spacing, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_on_one_voxel_and_border_masks(method: str) -> None:
+    shape = (9, 7, 5)
+    one, corner, other = (np.zeros(shape, bool) for _ in range(3))
+    one[4, 3, 2] = True
+    corner[0, 0, 0] = True
+    other[8, 6, 4] = True
+    full = np.ones(shape, bool)  # every border voxel is surface
+    slab = np.zeros(shape, bool)
+    slab[:, :, 3:] = True  # touches five faces
+    rng = np.random.default_rng(5)
+    for pred, ref in ((one, one), (one, corner), (corner, other), (one, full), (full, slab),
+                      (slab, corner), (_border(rng, shape), _border(rng, shape))):
+        for spacing in (None, (0.7, 1.3, 2.9)):
+            _assert_equals_medpy(pred, ref, spacing, method)
+    assert hd95_asd(one, one, method=method) == (0.0, 0.0)
+    assert hd95_asd(one, corner, (1.0, 2.0, 3.0), method=method)[1] == pytest.approx(
+        float(np.sqrt(16 + 36 + 36)), rel=1e-15)
+    empty = np.zeros(shape, bool)
+    assert hd95_asd(empty, empty, method=method) == (0.0, 0.0)
+    assert hd95_asd(one, empty, method=method) == (None, None)
+
+
+def test_both_methods_on_thin_and_noise_masks_in_1d_2d_3d() -> None:
+    for ndim, seed in ((1, 30), (2, 31), (3, 32)):
+        for pred, ref in _pairs(seed, 15, ndim=ndim):
+            for method in ("kdtree", "edt"):
+                _assert_equals_medpy(pred, ref, (0.6, 1.7, 2.3)[:ndim], method)
+
+
+def test_surface_equals_scipy_erosion() -> None:
+    rng = np.random.default_rng(40)
+    for shape in ((0,), (1,), (5,), (1, 6), (4, 0, 3), (4, 1, 3), (7, 8, 9), (2, 3, 4, 5)):
+        for density in (0.2, 0.7, 1.0):
+            mask = rng.random(shape) < density
+            structure = generate_binary_structure(mask.ndim, 1)
+            expected = mask ^ binary_erosion(mask, structure=structure, iterations=1)
+            np.testing.assert_array_equal(surface(mask), expected)
+
+
+def test_automatic_choice_and_threads() -> None:
+    assert choose_method(1_000, 100_000) == "kdtree"  # a prediction: few voxels far off
+    assert choose_method(90_000, 100_000) == "edt"  # unrelated dense surfaces: most far off
+    rng = np.random.default_rng(50)
+    apart_p, apart_r = np.zeros((24, 20, 20), bool), np.zeros((24, 20, 20), bool)
+    apart_p[:9] = rng.random((9, 20, 20)) < 0.7  # dense surfaces, all far from each other
+    apart_r[15:] = rng.random((9, 20, 20)) < 0.7
+    grid = np.ogrid[:48, :44, :44]
+    ball = sum((g - 22) ** 2 for g in grid) < 20**2
+    spacing = (0.7, 1.3, 2.9)
+    cases = (((apart_p, apart_r), "edt"), ((ball, np.roll(ball, 6, axis=0)), "kdtree"))
+    for (pred, ref), finish in cases:
+        with mock.patch.object(metrics, "choose_method", wraps=metrics.choose_method) as spy:
+            auto = surface_distances(pred, ref, spacing)
+        choices = [metrics.choose_method(*call.args) for call in spy.call_args_list]
+        assert choices and set(choices) == {finish}
+        _assert_equals_medpy(pred, ref, spacing, "auto")
+        for method, threads in (("kdtree", 1), ("kdtree", 3), ("edt", -1)):
+            with mock.patch.object(metrics, "POINTS_PER_THREAD", 1):  # threads even for few
+                forced = surface_distances(pred, ref, spacing, method, threads)
+            for a, b in zip(auto, forced, strict=True):
+                np.testing.assert_allclose(a, b, rtol=RTOL, atol=0)
+    with pytest.raises(ValueError, match="method"):
+        surface_distances(ball, ball, method="fast")

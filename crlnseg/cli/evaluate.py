@@ -43,6 +43,9 @@ def register(app: typer.Typer) -> None:
                                       "interval of each mean (0: none)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
         workers: int = typer.Option(1, "--workers", help="Processes computing cases in parallel."),
+        threads: int | None = typer.Option(None, "--threads", help="Threads of each process for "
+                                           "the surface distances (default: the CPU cores "
+                                           "divided among --workers)."),
         allow_missing: bool = typer.Option(False, "--allow-missing", help="Score cases present "
                                            "on one side only as failures (Dice 0)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing -o FILE."),
@@ -64,7 +67,7 @@ def register(app: typer.Typer) -> None:
         try:
             settings = EvaluateSettings(classes=_parse_classes(classes), voxel_units=voxel_units,
                                         bootstrap=bootstrap, seed=seed, workers=workers,
-                                        allow_missing=allow_missing)
+                                        threads=threads, allow_missing=allow_missing)
         except ValidationError as err:
             raise option_error(err) from None
         pairs = plan_pairs(pred, gt, allow_missing)
