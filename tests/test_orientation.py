@@ -180,3 +180,33 @@ def test_without_canonical_orientation_the_orders_disagree(tmp_path):
         with np.load(tmp_path / f"mask_{len(probs)}_probabilities.npz") as f:
             probs.append(to_canonical(f["probabilities"], t))
     assert np.abs(probs[0].astype(np.float32) - probs[1]).max() > 1e-3
+
+
+def test_fingerprint_headers_read_as_simpleitk_reads_them(tmp_path):
+    """The plan reads NIfTI headers itself (faster); every axis order, an oblique direction,
+    a negative qfac and a qform-only file give what SimpleITK's reader gives."""
+    from crlnseg.data.fingerprint import _nifti_grid
+    from crlnseg.io.readers import read_header
+
+    image, _ = blob_image(SHAPE)
+    base = np.diag([*SPACING, 1.0])
+    paths = [write_nifti(tmp_path / f"o{i}.nii.gz", from_canonical(image, t),
+                         base @ voxel_map(t, SHAPE)) for i, t in enumerate(TRANSFORMS)]
+    paths.append(write_nifti(tmp_path / "oblique.nii.gz", image, oblique_affine(SPACING)))
+    qonly = nib.Nifti1Image(image, base @ voxel_map(TRANSFORMS[5], SHAPE))
+    qonly.header.set_sform(None, code=0)
+    qonly.header.set_qform(base @ voxel_map(TRANSFORMS[5], SHAPE), code=1)
+    nib.save(qonly, str(tmp_path / "qform_only.nii.gz"))
+    paths.append(tmp_path / "qform_only.nii.gz")
+    for path in paths:
+        fast = _nifti_grid(path)
+        assert fast is not None, path.name
+        header = read_header(path)
+        assert fast[0] == header.spatial_shape
+        np.testing.assert_allclose(fast[1], header.geometry.spacing, rtol=1e-6)
+        assert canonical_transform(fast[2]) == canonical_transform(header.geometry.direction)
+    # Near 45 degrees the choice is left to SimpleITK's reading.
+    a = np.deg2rad(45.0)
+    diagonal = np.eye(4)
+    diagonal[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    assert _nifti_grid(write_nifti(tmp_path / "diag.nii.gz", image, diagonal)) is None

@@ -228,7 +228,7 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, problem, message):
     elif problem == "channels":
         args[3] = str(_edit_prepared(data["punl"], tmp_path / "unl2", _two_channels))
     elif problem == "patch":
-        args += ["--patch", "32", "16", "16"]
+        args += ["--patch", "48", "16", "16"]  # 32 pads the 24-voxel X by < one stride
     elif problem == "no_unlabelled":
         args = args[:2] + args[4:]
     elif problem == "missing_resume":

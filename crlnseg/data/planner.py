@@ -33,10 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from crlnseg.data.discovery import CaseFiles, discover_cases
-from crlnseg.data.orientation import canonical_shape, canonical_spacing, canonical_transform
+from crlnseg.data.discovery import CaseFiles
+from crlnseg.data.fingerprint import (
+    Fingerprint,
+    ct_foreground,
+    dataset_modality,
+    discover,
+    fingerprint,
+)
 from crlnseg.errors import DataError
-from crlnseg.io.readers import read_header
 from crlnseg.settings import RunSettings
 from crlnseg.types import IntTriple, Triple
 
@@ -46,30 +51,7 @@ __all__ = ["VOXEL_BUDGET", "ANISOTROPY", "PLANNED", "Fingerprint", "Plan", "fing
 
 VOXEL_BUDGET = {"cpu": 64 * 64 * 32, "cuda": 112 * 112 * 80}
 ANISOTROPY = 3.0
-_FOREGROUND_SAMPLES = 10_000  # per labelled case: ample for 0.5 / 99.5 percentiles
 LEVELS = 4
-
-
-@dataclass
-class Fingerprint:
-    """Per case, the spacing and the shape in canonical axis order; the CT foreground."""
-
-    spacings: list[Triple]
-    shapes: list[IntTriple]
-    labelled: int
-    unlabelled: int
-    modality: str = "other"  # "ct" or "other"
-    ct_foreground: dict[str, float] | None = None  # p00_5, p99_5, mean, std
-
-    def summary(self) -> dict[str, Any]:
-        s, n = np.asarray(self.spacings, float), np.asarray(self.shapes, float)
-        return {"cases": len(self.spacings), "labelled": self.labelled,
-                "unlabelled": self.unlabelled, "modality": self.modality,
-                "spacing_median": [round(float(v), 4) for v in np.median(s, axis=0)],
-                "spacing_min": [float(v) for v in s.min(axis=0)],
-                "spacing_max": [float(v) for v in s.max(axis=0)],
-                "shape_median": [float(v) for v in np.median(n, axis=0)],
-                "ct_foreground": self.ct_foreground}
 
 
 @dataclass
@@ -111,51 +93,6 @@ def show(value: Any, sep: str = " x ") -> str:
             return sep.join(show(v) for v in value)
         return ", ".join(show(v) for v in value)
     return str(value)
-
-
-def fingerprint(labelled: Sequence[CaseFiles], unlabelled: Sequence[CaseFiles],
-                h5_spacing: Triple = (1.0, 1.0, 1.0), modality: str = "other",
-                orientation: str = "canonical") -> Fingerprint:
-    """Headers of every case (no voxels read) and, for CT, the labelled foreground voxels."""
-    spacings, shapes = [], []
-    for case in [*labelled, *unlabelled]:
-        header = read_header(case.images[0], h5_spacing)
-        try:
-            t = (canonical_transform(header.geometry.direction) if orientation == "canonical"
-                 else None)
-        except ValueError as err:
-            raise DataError(f"{case.images[0]}: {err}") from None
-        spacings.append(canonical_spacing(header.geometry.spacing, t))
-        shapes.append(canonical_shape(header.spatial_shape, t))
-    ct = ct_foreground(labelled, h5_spacing) if modality == "ct" else None
-    return Fingerprint(spacings, shapes, len(labelled), len(unlabelled), modality, ct)
-
-
-def ct_foreground(cases: Sequence[CaseFiles], h5_spacing: Triple = (1.0, 1.0, 1.0)
-                  ) -> dict[str, float] | None:
-    """0.5 / 99.5 percentiles, mean and std of foreground voxels sampled from every labelled
-    case (at most 10 000 each, seeded), as nnU-Net's CT normalisation samples them."""
-    from crlnseg.data.cache import load_case
-
-    rng = np.random.default_rng(0)
-    samples = []
-    for case in cases:
-        if case.label is None:
-            continue
-        image, label = load_case(case, h5_spacing)
-        if label is None:
-            continue
-        first = image.array if image.array.ndim == 3 else image.array[0]
-        values = first[label.array > 0].astype(np.float64)
-        if values.size:
-            take = min(values.size, _FOREGROUND_SAMPLES)
-            samples.append(rng.choice(values, take, replace=False))
-    if not samples:
-        return None
-    fg = np.concatenate(samples)
-    lo, hi = np.percentile(fg, (0.5, 99.5))
-    return {"p00_5": float(lo), "p99_5": float(hi), "mean": float(fg.mean()),
-            "std": float(fg.std())}
 
 
 def target_spacing(spacings: np.ndarray) -> tuple[Triple, str]:
@@ -262,38 +199,9 @@ def _intensity(fp: Fingerprint, put: Any) -> None:
         put("prepare.normalize", "zscore", "not CT: each case z-scored with its own mean and std")
 
 
-def dataset_modality(folder: Path) -> str | None:
-    """``ct`` when the ``dataset.json`` of ``folder`` (nnU-Net's format: ``channel_names``, or
-    MSD's ``modality``) names every channel CT; ``other`` when it names others; None without."""
-    for path in (folder / "dataset.json", folder.parent / "dataset.json"):
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(data, dict) or "crlnseg_version" in data:
-            return None  # a crlnseg cache's own manifest
-        names = data.get("channel_names") or data.get("modality") or {}
-        if isinstance(names, dict) and names:
-            ct = all(str(v).strip().lower() == "ct" for v in names.values())
-            return "ct" if ct else "other"
-        return None
-    return None
-
-
 def _triple(values: Any, digits: int | None = 6) -> Triple:
     return tuple(float(v) if digits is None else round(float(v), digits)
                  for v in values)  # type: ignore[return-value]
-
-
-def discover(folders: Sequence[Path]) -> tuple[list[CaseFiles], list[CaseFiles]]:
-    """The labelled and unlabelled cases of raw dataset folders."""
-    labelled, unlabelled = [], []
-    for folder in folders:
-        for case in discover_cases(folder):
-            (labelled if case.label is not None else unlabelled).append(case)
-    return labelled, unlabelled
 
 
 def explicit(settings: RunSettings) -> dict[str, tuple[Any, str]]:
