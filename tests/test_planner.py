@@ -249,3 +249,9 @@ def test_normalize_ct_given_still_gets_the_dataset_statistics(tmp_path):
     assert "prepare.ct_stats" in p.values and "prepare.ct_window" in p.values
     table = dict((k, v) for k, v, _ in p.table())
     assert " x " not in table["prepare.ct_window"]
+
+
+def test_a_huge_claimed_shape_plans_within_the_budget_without_enumerating_it():
+    fp = Fingerprint([(1.0, 1.0, 1.0)], [(30000, 30000, 30000)], 1, 0)
+    p = plan(fp, "cuda")
+    check_patch_rules(p, (30000, 30000, 30000), "cuda")

@@ -129,16 +129,22 @@ def patch_size(median_shape: np.ndarray, total: IntTriple, budget: int) -> IntTr
     as nnU-Net pads a patch to its pooling) and within ``budget`` voxels, that covers the most
     of the median shape; ties go to the fewer voxels, then to the aspect closest to the median's.
     """
-    axes = [np.arange(1, max(1, math.ceil(n / t)) + 1) * t
-            for n, t in zip(median_shape, total, strict=True)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
+    t = np.asarray(total, float)
+    shape = np.maximum(np.asarray(median_shape, float), 1.0)
+    if float(np.prod(t)) > budget:
+        return tuple(int(v) for v in total)  # type: ignore[return-value]
+    # Candidates for X and Y within the budget; Z follows: the multiple that covers the median
+    # Z with the fewest voxels, or the most the budget leaves.
+    top = [min(math.ceil(shape[i] / t[i]), budget // int(np.prod(np.delete(t, i)) * t[i]))
+           for i in range(2)]
+    xy = np.stack(np.meshgrid(np.arange(1, top[0] + 1) * t[0], np.arange(1, top[1] + 1) * t[1],
+                              indexing="ij"), axis=-1).reshape(-1, 2)
+    z_room = np.floor(budget / xy.prod(axis=1) / t[2]) * t[2]
+    z = np.minimum(z_room, math.ceil(shape[2] / t[2]) * t[2])
+    grid = np.column_stack([xy, z])[z >= t[2]]
     voxels = grid.prod(axis=1)
-    fits = voxels <= budget
-    if not fits.any():
-        return tuple(int(t) for t in total)  # type: ignore[return-value]
-    grid, voxels = grid[fits], voxels[fits]
-    covered = np.minimum(grid, median_shape).prod(axis=1)
-    ratio = np.log(grid / np.maximum(median_shape, 1.0))
+    covered = np.minimum(grid, shape).prod(axis=1)
+    ratio = np.log(grid / shape)
     aspect = np.abs(ratio - ratio.mean(axis=1, keepdims=True)).sum(axis=1)
     best = np.lexsort((aspect, voxels, -np.round(covered, 6)))[0]
     return tuple(int(v) for v in grid[best])  # type: ignore[return-value]
