@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = split_ids(cases, args.labelled, args.fold)
     ids["validation"] = ids["validation"][:args.limit_val]
     ids["unlabelled"] = ids["unlabelled"][:args.limit_unlabelled]
-    name = f"la_{args.labelled}" + ("" if args.fold == 1 else f"_fold{args.fold}")
-    root = args.out / name
+    stem_name = f"la_{args.labelled}" + ("" if args.fold == 1 else f"_fold{args.fold}")
+    root = args.out / stem_name
     # The unlabelled folder holds images only; their labels ("truth") are kept apart, for
     # scoring pseudo-labels with rectify --labels, never for training.
     kinds = {"labelled": ("images", "labels"), "unlabelled": ("images",),
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             "wall_seconds_this_invocation": time.perf_counter() - start, "jobs": args.jobs,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     table = summarise(runs, args.methods, names)
-    stem = args.out / name
+    stem = args.out / stem_name
     (stem.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": table,
                                                        "runs": runs}, indent=2) + "\n")
     text = markdown(table, names, meta)

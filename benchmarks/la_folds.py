@@ -37,8 +37,10 @@ def per_case(run: dict) -> dict[str, float]:
     return {c["case"]: c["dice"] for c in run["validation"]["voxel_cases"] if c["class"] == 1}
 
 
-def interval(values: list[float]) -> tuple[float, float, float]:
+def interval(values: list[float]) -> tuple[float, float, float] | None:
     v = np.asarray(values, float)
+    if v.size == 0:
+        return None
     if v.size < 2:
         return float(v.mean()), float("nan"), float("nan")
     half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
@@ -85,6 +87,8 @@ def combine(found: dict[int, dict], report: list[int]) -> dict:
 
 def markdown(res: dict, labelled: int) -> str:
     def cell(t):
+        if t is None:
+            return "-"
         mean, lo, hi = t
         return f"{mean:.2f}" + ("" if np.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]")
 
@@ -94,10 +98,12 @@ def markdown(res: dict, labelled: int) -> str:
              "|---|---|" + "---|" * len(methods)]
     for fold, row in sorted(res["folds"].items()):
         lines.append(f"| {fold} ({FOLD_CASES[fold]}) | {len(row['seeds'])} | "
-                     + " | ".join(cell(row[m]) if m in row else "-" for m in methods) + " |")
+                     + " | ".join(cell(row.get(m)) for m in methods) + " |")
     folds = ", ".join(str(f) for f in res["report_folds"])
-    lines.append(f"| **folds {folds}** | {res['runs_per_method'].get('crln', 0)} runs | "
-                 + " | ".join(f"**{cell(res['report'][m])}**" for m in methods) + " |")
+    runs = res["runs_per_method"].get("crln", 0)
+    lines.append(f"| **folds {folds}** | {runs} run{'s' * (runs != 1)} | "
+                 + " | ".join(f"**{cell(res['report'][m])}**" if res["report"][m] else "-"
+                              for m in methods) + " |")
     lines += ["", f"Paired per case and seed on folds {folds} (CRLN minus baseline, Dice points, "
               "bootstrap 95 % interval; cases CRLN wins):", ""]
     for base, p in res["paired"].items():
