@@ -275,7 +275,15 @@ class RunSettings(Strict):
 
     @model_validator(mode="after")
     def _patch_fits_the_model(self) -> RunSettings:
-        check_patch(self.train.patch, self.model.total_stride, "train.patch")
+        try:
+            check_patch(self.train.patch, self.model.total_stride, "train.patch")
+        except ValueError as err:
+            if (self.train.plan and "strides" not in self.model.model_fields_set
+                    and all(p % 2 == 0 for p in self.train.patch)):
+                # The plan's strides come later, from the data: a patch for them needs them.
+                raise ValueError(f"{err} (a patch for anisotropic strides needs model.strides "
+                                 "too; crlnseg plan shows the planned ones)") from None
+            raise
         bottleneck = math.prod(p // s for p, s in zip(self.train.patch, self.model.total_stride,
                                                        strict=True))
         if self.model.norm == "instance" and bottleneck < 2:
