@@ -255,3 +255,29 @@ def test_a_huge_claimed_shape_plans_within_the_budget_without_enumerating_it():
     fp = Fingerprint([(1.0, 1.0, 1.0)], [(30000, 30000, 30000)], 1, 0)
     p = plan(fp, "cuda")
     check_patch_rules(p, (30000, 30000, 30000), "cuda")
+
+
+def test_prepare_orientation_option_keeps_the_array_order(tmp_path):
+    lab = _write(tmp_path / "lab", 1, (0.8, 0.8, 4.0), True, 0)
+    flipped = np.diag([-0.8, 0.8, 4.0, 1.0])  # X runs towards L: canonical order flips it
+    img = nib.load(str(lab / "images" / "c0.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), flipped), str(lab / "images" / "c0.nii.gz"))
+    lbl = nib.load(str(lab / "labels" / "c0.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(lbl.dataobj), flipped), str(lab / "labels" / "c0.nii.gz"))
+    from crlnseg.data.manifest import load_manifest
+
+    orders = {}
+    for way in ("canonical", "input"):
+        out = tmp_path / f"cache_{way}"
+        result = runner.invoke(app, ["prepare", str(lab), "-o", str(out), "--orientation", way])
+        assert result.exit_code == 0, result.output
+        orders[way] = load_manifest(out).cases[0].orientation["flips"]
+    assert orders == {"canonical": [True, False, False], "input": [False, False, False]}
+
+
+def test_a_patch_for_anisotropic_strides_alone_names_model_strides():
+    with pytest.raises(Exception, match="needs model.strides too"):
+        resolve_settings(options={"train": {"patch": (128, 128, 8)}})
+    given = resolve_settings(options={"train": {"patch": (128, 128, 8)},
+                                      "model": {"strides": [[2, 2, 1]] * 2 + [[2, 2, 2]] * 2}})
+    assert given.train.patch == (128, 128, 8)
