@@ -1,0 +1,186 @@
+"""Two studies on the LA benchmark, each a series of ``benchmarks/la.py`` runs and one table.
+
+``recipe``: nnU-Net's training recipe inside crlnseg, one ingredient at a time (nnU-Net's
+values), supervised and CRLN, on fold 1 (cases 65-80: the fold that takes decisions) with seeds
+0 and 1. Each ingredient is compared with the baseline (today's defaults) of the same seed.
+
+``budget``: does CRLN's margin over supervised training grow with training? The cpu preset at
+1000, 2000 and 4000 iterations, on fold 2 (cases 49-64, a fold nobody tuned on), seeds 0 and 1.
+
+Every variant is a ``la.py`` invocation into ``<out>/<study>/<variant>/`` (resumable: finished
+runs are reused), so an interrupted study continues where it stopped; ``--summarise`` only
+rebuilds the table from what is there. Output: ``<out>/la_8_<study>.json`` and ``.md``.
+
+    python benchmarks/la_study.py recipe --variants baseline spatial mirror --jobs 2
+    python benchmarks/la_study.py budget --variants 2000 4000 --methods supervised crln
+    python benchmarks/la_study.py recipe --summarise
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+# nnU-Net v2's values (nnUNetTrainer.get_training_transforms and its network defaults). Elastic
+# deformation is off in nnU-Net v2 (0.2 in v1), so it is listed but not in the default series.
+RECIPE: dict[str, list[str]] = {
+    "baseline": [],
+    "spatial": ["augment.rotation_p=0.2", "augment.scale_p=0.2"],
+    "mirror": ["augment.mirror_p=0.5,0.5,0.5"],
+    "intensity": ["augment.gaussian_noise_p=0.1", "augment.blur_p=0.2",
+                  "augment.brightness_p=0.15", "augment.contrast_p=0.15",
+                  "augment.gamma_inverted_p=0.1", "augment.gamma_p=0.3"],
+    "deep-supervision": ["model.deep_supervision=true"],
+    "instance-norm-leaky-relu": ["model.norm=instance", "model.activation=leaky_relu"],
+    "elastic": ["augment.elastic_p=0.2"],
+}
+RECIPE_SERIES = [name for name in RECIPE if name != "elastic"]
+BUDGETS = ["1000", "2000", "4000"]
+STUDIES = {"recipe": {"fold": 1, "variants": RECIPE_SERIES},
+           "budget": {"fold": 2, "variants": BUDGETS}}
+
+
+def la_argv(study: str, variant: str, args: argparse.Namespace) -> list[str]:
+    fold = STUDIES[study]["fold"]
+    argv = ["--labelled", "8", "--fold", str(fold), "--seeds", *map(str, args.seeds),
+            "--methods", *args.methods, "--jobs", str(args.jobs), "--sigma", "0.125",
+            "--out", str(args.out / study / variant)]
+    if study == "recipe":
+        for item in RECIPE[variant]:
+            argv += ["--set", item]
+    else:
+        argv += ["--iterations", variant]
+    return argv
+
+
+def result_file(out: Path, study: str, variant: str) -> Path:
+    fold = STUDIES[study]["fold"]
+    return out / study / variant / ("la_8.json" if fold == 1 else f"la_8_fold{fold}.json")
+
+
+def per_case(run: dict) -> dict[str, float]:
+    return {c["case"]: c["dice"] for c in run["validation"]["voxel_cases"] if c["class"] == 1}
+
+
+def _dice(run: dict) -> float:
+    return 100 * run["validation"]["voxel"]["dice"]
+
+
+def paired_cases(a: list[dict], b: list[dict]) -> tuple[float, int, int] | None:
+    """Mean per (seed, case) difference a - b in Dice points, pairs a wins, pairs."""
+    index = {r["seed"]: per_case(r) for r in b}
+    diffs = [mine[c] - index[r["seed"]][c] for r in a if r["seed"] in index
+             for mine in [per_case(r)] for c in mine if c in index[r["seed"]]]
+    if not diffs:
+        return None
+    d = 100 * np.asarray(diffs)
+    return float(d.mean()), int((d > 0).sum()), int(d.size)
+
+
+def summarise(study: str, out: Path) -> dict:
+    rows: dict = {}
+    for variant in STUDIES[study]["variants"] + (["elastic"] if study == "recipe" else []):
+        path = result_file(out, study, variant)
+        if path.is_file():
+            rows[variant] = json.loads(path.read_text())["runs"]
+    table: dict = {}
+    for variant, runs in rows.items():
+        entry: dict = {}
+        for method in dict.fromkeys(r["method"] for r in runs):
+            mine = [r for r in runs if r["method"] == method]
+            cell = {"seeds": {str(r["seed"]): _dice(r) for r in mine},
+                    "dice": float(np.mean([_dice(r) for r in mine])),
+                    "train_minutes": float(np.mean([(r["train_seconds"] or np.nan) / 60
+                                                    for r in mine]))}
+            base = [r for r in rows.get("baseline", []) if r["method"] == method]
+            if study == "recipe" and variant != "baseline" and base:
+                got = paired_cases(mine, base)
+                cell["vs_baseline"] = got and {"mean": got[0], "wins": got[1], "pairs": got[2]}
+            entry[method] = cell
+        if study == "budget" and "crln" in entry and "supervised" in entry:
+            got = paired_cases([r for r in runs if r["method"] == "crln"],
+                               [r for r in runs if r["method"] == "supervised"])
+            entry["margin"] = got and {"mean": got[0], "wins": got[1], "pairs": got[2]}
+        table[variant] = entry
+    return table
+
+
+def markdown(study: str, table: dict) -> str:
+    methods = list(dict.fromkeys(m for e in table.values() for m in e if m != "margin"))
+    if study == "recipe":
+        head = ["Recipe on fold 1 (cases 65-80), 8 labelled, cpu preset, 1000 iterations; Dice % "
+                "(mean over seeds; per seed in brackets); change = per case and seed vs the "
+                "baseline of the same seed (pairs that gain).", "",
+                "| ingredient | " + " | ".join(f"{m} | change" for m in methods)
+                + " | train min (" + ", ".join(methods) + ") |",
+                "|---|" + "---|---|" * len(methods) + "---|"]
+    else:
+        head = ["Iteration budget on fold 2 (cases 49-64), 8 labelled, cpu preset; Dice % "
+                "(mean over seeds; per seed in brackets); margin = CRLN minus supervised per "
+                "case and seed (pairs CRLN wins).", "",
+                "| iterations | " + " | ".join(methods) + " | margin | train min |",
+                "|---|" + "---|" * len(methods) + "---|---|"]
+    lines = list(head)
+    for variant, entry in table.items():
+        cells = []
+        for m in methods:
+            c = entry.get(m)
+            if c is None:
+                cells += ["-"] + (["-"] if study == "recipe" else [])
+                continue
+            seeds = ", ".join(f"{v:.2f}" for v in c["seeds"].values())
+            cells.append(f"{c['dice']:.2f} ({seeds})")
+            if study == "recipe":
+                v = c.get("vs_baseline")
+                cells.append(f"{v['mean']:+.2f} ({v['wins']}/{v['pairs']})" if v else "-")
+        if study == "budget":
+            v = entry.get("margin")
+            cells.append(f"{v['mean']:+.2f} ({v['wins']}/{v['pairs']})" if v else "-")
+        minutes = ", ".join(f"{entry[m]['train_minutes']:.1f}" for m in methods if m in entry)
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {minutes} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", choices=sorted(STUDIES))
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="recipe: " + " ".join(RECIPE) + "; budget: " + " ".join(BUDGETS))
+    ap.add_argument("--methods", nargs="+", default=["supervised", "crln"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--summarise", action="store_true", help="only rebuild the table")
+    args = ap.parse_args(argv)
+    known = RECIPE if args.study == "recipe" else BUDGETS
+    variants = args.variants or STUDIES[args.study]["variants"]
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        ap.error(f"unknown {args.study} variants: {' '.join(unknown)}")
+    if not args.summarise:
+        for variant in variants:
+            cmd = [sys.executable, str(HERE / "la.py"), *la_argv(args.study, variant, args)]
+            print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+            if subprocess.run(cmd).returncode:
+                sys.exit(f"{args.study} {variant}: la.py failed")
+            write(args.study, args.out)  # after each variant, so the table grows as runs finish
+    print(write(args.study, args.out))
+
+
+def write(study: str, out: Path) -> str:
+    table = summarise(study, out)
+    (out / f"la_8_{study}.json").write_text(json.dumps(table, indent=1) + "\n")
+    text = markdown(study, table)
+    (out / f"la_8_{study}.md").write_text(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()
