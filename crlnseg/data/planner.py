@@ -45,9 +45,9 @@ from crlnseg.errors import DataError
 from crlnseg.settings import RunSettings
 from crlnseg.types import IntTriple, Triple
 
-__all__ = ["VOXEL_BUDGET", "ANISOTROPY", "PLANNED", "Fingerprint", "Plan", "fingerprint", "plan",
-           "dataset_modality", "ct_foreground", "discover", "topology", "patch_size",
-           "target_spacing"]
+__all__ = ["VOXEL_BUDGET", "ANISOTROPY", "PLANNED", "PREPARE_KEYS", "Fingerprint", "Plan",
+           "fingerprint", "plan", "dataset_modality", "ct_foreground", "discover", "topology",
+           "patch_size", "target_spacing"]
 
 VOXEL_BUDGET = {"cpu": 64 * 64 * 32, "cuda": 112 * 112 * 80}
 ANISOTROPY = 3.0
@@ -150,8 +150,10 @@ def patch_size(median_shape: np.ndarray, total: IntTriple, budget: int) -> IntTr
     return tuple(int(v) for v in grid[best])  # type: ignore[return-value]
 
 
-PLANNED = ("prepare.target_spacing", "prepare.normalize", "prepare.ct_window", "prepare.ct_stats",
-           "model.strides", "model.kernels", "train.patch")
+# The preprocessing keys (a prepared cache fixes them) and, after them, the model's and patch's.
+PREPARE_KEYS = ("prepare.target_spacing", "prepare.normalize", "prepare.ct_window",
+                "prepare.ct_stats")
+PLANNED = (*PREPARE_KEYS, "model.strides", "model.kernels", "train.patch")
 
 
 def plan(fp: Fingerprint, device: str = "cpu",
@@ -247,7 +249,7 @@ def plan_folders(settings: RunSettings, folders: Sequence[Path | None], device: 
             counts[min(i, 1)] += len(manifest.cases)
             if cache is None:  # every input of a run shares one preprocessing
                 cache = folder
-                for key in PLANNED[:4]:
+                for key in PREPARE_KEYS:
                     value = getattr(manifest.settings, key.split(".")[1])
                     fixed[key] = (value, f"as {folder} was prepared")
             continue
