@@ -1,0 +1,63 @@
+"""The arithmetic of two benchmark scripts whose tables RESULTS.md quotes: the pseudo-label
+flip counts of ``benchmarks/pseudo_label_curve.py`` and the paired tables of
+``benchmarks/la_study.py`` (the trainings themselves are ``la.py``'s, tested elsewhere)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _probs(labels: np.ndarray, confidence: float) -> np.ndarray:
+    """Two-class probabilities whose argmax is ``labels``, with the given max probability."""
+    fg = np.where(labels == 1, confidence, 1 - confidence)
+    return np.stack([1 - fg, fg])
+
+
+def test_flip_stats_counts_fixes_and_breaks() -> None:
+    curve = _load("pseudo_label_curve")
+    truth = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    raw = np.array([1, 1, 0, 0, 0, 0, 1, 0])        # 2 foreground voxels missed, 1 false positive
+    rect = np.array([1, 1, 1, 0, 0, 1, 0, 0])       # fixes voxels 2 and 6, breaks voxel 5
+    stats = curve.flip_stats(_probs(raw, 0.9), _probs(rect, 0.99), truth, threshold=0.97)
+    assert stats["flips"] == 3 / 4 and stats["fixes"] == 2 / 4 and stats["breaks"] == 1 / 4
+    assert stats["reliable_raw"] == 0.0 and stats["reliable_rectified"] == 1.0
+
+
+def _run(method: str, seed: int, case_dice: dict[str, float]) -> dict:
+    return {"method": method, "seed": seed, "train_seconds": 60.0,
+            "validation": {"voxel": {"dice": float(np.mean(list(case_dice.values())))},
+                           "voxel_cases": [{"case": c, "class": 1, "dice": d}
+                                           for c, d in case_dice.items()]}}
+
+
+def test_recipe_table_pairs_each_seed_with_its_own_baseline(tmp_path: Path) -> None:
+    study = _load("la_study")
+    runs = {"baseline": [_run("supervised", 0, {"a": 0.70, "b": 0.80}),
+                         _run("supervised", 1, {"a": 0.60, "b": 0.90})],
+            "mirror": [_run("supervised", 0, {"a": 0.75, "b": 0.79}),
+                       _run("supervised", 1, {"a": 0.70, "b": 0.90})]}
+    for variant, rows in runs.items():
+        folder = tmp_path / "recipe" / variant
+        folder.mkdir(parents=True)
+        (folder / "la_8.json").write_text(json.dumps({"runs": rows}))
+    table = study.summarise("recipe", tmp_path)
+    change = table["mirror"]["supervised"]["vs_baseline"]
+    # Pairs (seed, case): +5, -1, +10, 0 points.
+    assert np.isclose(change["mean"], 3.5) and change["wins"] == 2 and change["pairs"] == 4
+    assert "vs_baseline" not in table["baseline"]["supervised"]
+    assert "+3.50 (2/4)" in study.markdown("recipe", table)
