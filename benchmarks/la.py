@@ -14,7 +14,8 @@ patch, iterations and seed; each run goes through the public CLI (``crlnseg trai
 (voxels and mm), empty predictions, the wall time, and for ``crln`` the Dice of raw vs rectified
 pseudo-labels on the unlabelled cases and the reliable-voxel share before/after rectification over
 training (``metrics.jsonl``). Output: ``<out>/la_<L>.json`` (every number), ``la_<L>.md``
-(mean +- std over seeds) and ``la_<L>.png``.
+(mean +- std over seeds) and ``la_<L>.png``. Runs that an earlier invocation wrote there under the
+same protocol (other methods or seeds) stay in the table, so seeds can be added one at a time.
 
 Resumable: a finished run (``checkpoints/last.pt`` at the final iteration) is not retrained, an
 unfinished one is continued with ``--resume``, and finished predictions/evaluations are reused
@@ -27,6 +28,7 @@ when they were made with the same predict flags (stamped in ``pred_<method>.flag
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -404,14 +406,41 @@ def main(argv: list[str] | None = None) -> None:
             "cases": {n: len(list((s / "images").iterdir())) for n, s in evals.items()},
             "wall_seconds_this_invocation": time.perf_counter() - start, "jobs": args.jobs,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
-    table = summarise(runs, args.methods, names)
     stem = args.out / stem_name
-    (stem.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": table,
-                                                       "runs": runs}, indent=2) + "\n")
-    text = markdown(table, names, meta)
-    stem.with_suffix(".md").write_text(text + "\n")
-    plot(runs, table, stem.with_suffix(".png"))
+    with open(stem.with_suffix(".lock"), "w") as lock:  # two invocations may share one output
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs, meta = merge_earlier(stem.with_suffix(".json"), runs, meta)
+        methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+        table = summarise(runs, methods, names)
+        (stem.with_suffix(".json")).write_text(json.dumps({"meta": meta, "summary": table,
+                                                           "runs": runs}, indent=2) + "\n")
+        text = markdown(table, names, meta)
+        stem.with_suffix(".md").write_text(text + "\n")
+        plot(runs, table, stem.with_suffix(".png"))
     print(text)
+
+
+# What makes two invocations' runs comparable (the same protocol), so that they share a table.
+PROTOCOL = ("labelled", "unlabelled", "preset", "iterations", "overrides", "fold", "cases")
+
+
+def merge_earlier(path: Path, runs: list[dict], meta: dict) -> tuple[list[dict], dict]:
+    """``runs`` plus the runs of an earlier invocation's ``path`` under the same protocol (other
+    methods or seeds; this invocation's run replaces an earlier one of the same method and seed),
+    so that seeds and methods can be added one invocation at a time."""
+    if not path.is_file():
+        return runs, meta
+    earlier = json.loads(path.read_text())
+    old = earlier.get("meta", {})
+    if any(old.get(k) != meta.get(k) for k in PROTOCOL):
+        print(f"{path}: an earlier table with another protocol is replaced", file=sys.stderr)
+        return runs, meta
+    mine = {(r["method"], r["seed"]) for r in runs}
+    kept = [r for r in earlier["runs"] if (r["method"], r["seed"]) not in mine]
+    merged = sorted(kept + runs, key=lambda r: (r["seed"], METHODS.index(r["method"])))
+    seeds = sorted({r["seed"] for r in merged})
+    return merged, {**meta, "seeds": seeds,
+                    "commands": [*old.get("commands", [old.get("command")]), meta["command"]]}
 
 
 def run_one(crlnseg: Runner, run: Path, method: str, seed: int, data: dict[str, Path],

@@ -61,3 +61,21 @@ def test_recipe_table_pairs_each_seed_with_its_own_baseline(tmp_path: Path) -> N
     assert np.isclose(change["mean"], 3.5) and change["wins"] == 2 and change["pairs"] == 4
     assert "vs_baseline" not in table["baseline"]["supervised"]
     assert "+3.50 (2/4)" in study.markdown("recipe", table)
+
+
+def test_la_tables_keep_earlier_runs_of_the_same_protocol(tmp_path: Path) -> None:
+    la = _load("la")
+    meta = {"labelled": 8, "unlabelled": 56, "preset": "cpu", "iterations": 1000,
+            "overrides": [], "fold": 3, "cases": {"validation": 16}, "command": "first"}
+    path = tmp_path / "la_8_fold3.json"
+    earlier = [_run("supervised", 0, {"a": 0.7}), _run("crln", 0, {"a": 0.8})]
+    path.write_text(json.dumps({"meta": {**meta, "seeds": [0]}, "runs": earlier}))
+    again = _run("crln", 0, {"a": 0.9})
+    runs, merged = la.merge_earlier(path, [_run("supervised", 2, {"a": 0.6}), again],
+                                    {**meta, "seeds": [2], "command": "second"})
+    assert [(r["method"], r["seed"]) for r in runs] == [("supervised", 0), ("crln", 0),
+                                                        ("supervised", 2)]
+    assert runs[1] is again  # the newer run of a method and seed replaces the older one
+    assert merged["seeds"] == [0, 2] and merged["commands"] == ["first", "second"]
+    other, _ = la.merge_earlier(path, [again], {**meta, "iterations": 2000, "seeds": [0]})
+    assert other == [again]  # another protocol: nothing merged
