@@ -5,7 +5,8 @@ values), supervised and CRLN, on fold 1 (cases 65-80: the fold that takes decisi
 0 and 1. Each ingredient is compared with the baseline (today's defaults) of the same seed.
 
 ``budget``: does CRLN's margin over supervised training grow with training? The cpu preset at
-1000, 2000 and 4000 iterations, on fold 2 (cases 49-64, a fold nobody tuned on), seeds 0 and 1.
+1000, 2000 and 4000 iterations, on fold 2 (cases 49-64, a fold nobody tuned on), seeds 0 and 1;
+1000 iterations is the fold's own table (``<out>/la_8_fold2.json``) unless ``budget/1000`` exists.
 
 Every variant is a ``la.py`` invocation into ``<out>/<study>/<variant>/`` (resumable: finished
 runs are reused), so an interrupted study continues where it stopped; ``--summarise`` only
@@ -61,7 +62,10 @@ def la_argv(study: str, variant: str, args: argparse.Namespace) -> list[str]:
 
 def result_file(out: Path, study: str, variant: str) -> Path:
     fold = STUDIES[study]["fold"]
-    return out / study / variant / ("la_8.json" if fold == 1 else f"la_8_fold{fold}.json")
+    name = "la_8.json" if fold == 1 else f"la_8_fold{fold}.json"
+    if study == "budget" and variant == "1000" and not (out / study / variant / name).is_file():
+        return out / name  # the preset's budget: the fold's own table (same code for training)
+    return out / study / variant / name
 
 
 def per_case(run: dict) -> dict[str, float]:
@@ -103,11 +107,16 @@ def summarise(study: str, out: Path) -> dict:
                 got = paired_cases(mine, base)
                 cell["vs_baseline"] = got and {"mean": got[0], "wins": got[1], "pairs": got[2]}
             entry[method] = cell
-        if study == "budget" and "crln" in entry and "supervised" in entry:
-            got = paired_cases([r for r in runs if r["method"] == "crln"],
-                               [r for r in runs if r["method"] == "supervised"])
-            entry["margin"] = got and {"mean": got[0], "wins": got[1], "pairs": got[2]}
         table[variant] = entry
+    if study == "budget":  # margins over the seeds every budget has, so rows compare
+        both = [{r["seed"] for r in runs if r["method"] == m} for runs in rows.values()
+                for m in ("crln", "supervised")]
+        common = set.intersection(*both) if both else set()
+        for variant, runs in rows.items():
+            got = paired_cases(*([r for r in runs if r["method"] == m and r["seed"] in common]
+                                 for m in ("crln", "supervised")))
+            table[variant]["margin"] = got and {"mean": got[0], "wins": got[1],
+                                                "pairs": got[2], "seeds": sorted(common)}
     return table
 
 
@@ -123,7 +132,7 @@ def markdown(study: str, table: dict) -> str:
     else:
         head = ["Iteration budget on fold 2 (cases 49-64), 8 labelled, cpu preset; Dice % "
                 "(mean over seeds; per seed in brackets); margin = CRLN minus supervised per "
-                "case and seed (pairs CRLN wins).", "",
+                "case and seed, over the seeds every row has (pairs CRLN wins).", "",
                 "| iterations | " + " | ".join(methods) + " | margin | train min |",
                 "|---|" + "---|" * len(methods) + "---|---|"]
     lines = list(head)

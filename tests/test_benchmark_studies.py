@@ -79,3 +79,19 @@ def test_la_tables_keep_earlier_runs_of_the_same_protocol(tmp_path: Path) -> Non
     assert merged["seeds"] == [0, 2] and merged["commands"] == ["first", "second"]
     other, _ = la.merge_earlier(path, [again], {**meta, "iterations": 2000, "seeds": [0]})
     assert other == [again]  # another protocol: nothing merged
+
+
+def test_budget_margins_use_the_seeds_every_budget_has(tmp_path: Path) -> None:
+    study = _load("la_study")
+    rows = {"1000": [_run("supervised", 0, {"a": 0.70}), _run("crln", 0, {"a": 0.80}),
+                     _run("supervised", 1, {"a": 0.50}), _run("crln", 1, {"a": 0.90})],
+            "2000": [_run("supervised", 0, {"a": 0.75}), _run("crln", 0, {"a": 0.80})]}
+    for variant, runs in rows.items():
+        folder = tmp_path / "budget" / variant
+        folder.mkdir(parents=True)
+        (folder / "la_8_fold2.json").write_text(json.dumps({"runs": runs}))
+    table = study.summarise("budget", tmp_path)
+    # Seed 1 exists at 1000 only: leaving it in would make 1000's margin +25, not +10.
+    assert np.isclose(table["1000"]["margin"]["mean"], 10.0)
+    assert np.isclose(table["2000"]["margin"]["mean"], 5.0)
+    assert table["1000"]["margin"]["seeds"] == [0]
