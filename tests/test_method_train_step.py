@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,8 +215,10 @@ def test_mu_view_strong_is_reproducible_and_fits_mu_on_its_own_view():
         records = [train_step(state, batch(i), settings, g, total_iterations=10)
                    for i in range(3)]
         got = [(r.mu, r.loss_mu) for r in records]
-        if view in runs:
-            assert got == runs[view]  # seeded: the same mu and mu loss at every step
+        if view in runs:  # seeded: the same mu and mu loss at every step (to float rounding)
+            assert [mu for mu, _ in got] == [mu for mu, _ in runs[view]]
+            assert np.allclose([loss for _, loss in got], [loss for _, loss in runs[view]],
+                               rtol=1e-4)
         runs[view] = got
     # mu is fitted at every step, on a view other than the training one. (Whether it leaves 0
     # depends on the sign of its first gradients in this untrained tiny model, which differs
