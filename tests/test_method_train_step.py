@@ -206,23 +206,18 @@ def test_mu_is_fitted_on_the_chosen_view(monkeypatch, view):
     torch.testing.assert_close(m, out.relation, rtol=1e-4, atol=1e-4)
 
 
-def test_mu_view_strong_is_reproducible_and_fits_mu_on_its_own_view():
-    runs = {}
-    for view in ("strong", "strong", "weak"):
-        settings = tiny(mu_view=view, mu_lr=0.5)
+def test_mu_view_strong_is_reproducible_and_moves_mu():
+    settings = tiny(mu_view="strong", mu_lr=0.5)
+    runs = []
+    for _ in range(2):
         state = init_state(settings, torch.device("cpu"))
+        with torch.no_grad():  # inside (0, 1), where the clamp cannot hide a step either way
+            state.student.mu_raw.fill_(0.5)
         g = torch.Generator().manual_seed(0)
         records = [train_step(state, batch(i), settings, g, total_iterations=10)
                    for i in range(3)]
-        got = [(r.mu, r.loss_mu) for r in records]
-        if view in runs:  # seeded: the same mu and mu loss at every step (to float rounding)
-            assert [mu for mu, _ in got] == [mu for mu, _ in runs[view]]
-            assert np.allclose([loss for _, loss in got], [loss for _, loss in runs[view]],
-                               rtol=1e-4)
-        runs[view] = got
-    # mu is fitted at every step, on a view other than the training one. (Whether it leaves 0
-    # depends on the sign of its first gradients in this untrained tiny model, which differs
-    # between CPUs: mu is clamped to [0, 1].)
-    assert all(loss is not None and loss > 0 for _, loss in runs["strong"])
-    assert [loss for _, loss in runs["strong"]] != [loss for _, loss in runs["weak"]]
-    assert all(0.0 <= mu <= 1.0 for mu, _ in runs["strong"])
+        runs.append(([r.mu for r in records], [r.loss_mu for r in records]))
+    (mus, losses), (mus_again, losses_again) = runs
+    assert np.allclose(mus, mus_again, rtol=1e-5)  # seeded (CPU reductions differ by rounding)
+    assert np.allclose(losses, losses_again, rtol=1e-4)
+    assert abs(mus[-1] - 0.5) > 1e-5  # fitted on the strong view, mu's optimiser moves it
