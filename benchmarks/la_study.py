@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from la_folds import per_case  # beside this script
 
 HERE = Path(__file__).resolve().parent
 # nnU-Net v2's values (nnUNetTrainer.get_training_transforms and its network defaults). Elastic
@@ -68,15 +69,11 @@ def result_file(out: Path, study: str, variant: str) -> Path:
     return out / study / variant / name
 
 
-def per_case(run: dict) -> dict[str, float]:
-    return {c["case"]: c["dice"] for c in run["validation"]["voxel_cases"] if c["class"] == 1}
-
-
 def _dice(run: dict) -> float:
     return 100 * run["validation"]["voxel"]["dice"]
 
 
-def paired_cases(a: list[dict], b: list[dict]) -> tuple[float, int, int] | None:
+def paired_cases(a: list[dict], b: list[dict]) -> dict | None:
     """Mean per (seed, case) difference a - b in Dice points, pairs a wins, pairs."""
     index = {r["seed"]: per_case(r) for r in b}
     diffs = [mine[c] - index[r["seed"]][c] for r in a if r["seed"] in index
@@ -84,7 +81,7 @@ def paired_cases(a: list[dict], b: list[dict]) -> tuple[float, int, int] | None:
     if not diffs:
         return None
     d = 100 * np.asarray(diffs)
-    return float(d.mean()), int((d > 0).sum()), int(d.size)
+    return {"mean": float(d.mean()), "wins": int((d > 0).sum()), "pairs": int(d.size)}
 
 
 def summarise(study: str, out: Path) -> dict:
@@ -104,8 +101,7 @@ def summarise(study: str, out: Path) -> dict:
                                                     for r in mine]))}
             base = [r for r in rows.get("baseline", []) if r["method"] == method]
             if study == "recipe" and variant != "baseline" and base:
-                got = paired_cases(mine, base)
-                cell["vs_baseline"] = got and {"mean": got[0], "wins": got[1], "pairs": got[2]}
+                cell["vs_baseline"] = paired_cases(mine, base)
             entry[method] = cell
         table[variant] = entry
     if study == "budget":  # margins over the seeds every budget has, so rows compare
@@ -115,8 +111,7 @@ def summarise(study: str, out: Path) -> dict:
         for variant, runs in rows.items():
             got = paired_cases(*([r for r in runs if r["method"] == m and r["seed"] in common]
                                  for m in ("crln", "supervised")))
-            table[variant]["margin"] = got and {"mean": got[0], "wins": got[1],
-                                                "pairs": got[2], "seeds": sorted(common)}
+            table[variant]["margin"] = got and {**got, "seeds": sorted(common)}
     return table
 
 
@@ -124,15 +119,16 @@ def markdown(study: str, table: dict) -> str:
     methods = list(dict.fromkeys(m for e in table.values() for m in e if m != "margin"))
     if study == "recipe":
         head = ["Recipe on fold 1 (cases 65-80), 8 labelled, cpu preset, 1000 iterations; Dice % "
-                "(mean over seeds; per seed in brackets); change = per case and seed vs the "
-                "baseline of the same seed (pairs that gain).", "",
+                "(mean over the row's seeds; each seed in brackets); change = per case and seed "
+                "vs the baseline of the same seed (pairs that gain).", "",
                 "| ingredient | " + " | ".join(f"{m} | change" for m in methods)
                 + " | train min (" + ", ".join(methods) + ") |",
                 "|---|" + "---|---|" * len(methods) + "---|"]
     else:
         head = ["Iteration budget on fold 2 (cases 49-64), 8 labelled, cpu preset; Dice % "
-                "(mean over seeds; per seed in brackets); margin = CRLN minus supervised per "
-                "case and seed, over the seeds every row has (pairs CRLN wins).", "",
+                "(mean over the row's seeds; each seed in brackets); margin = CRLN minus "
+                "supervised per case and seed, over the seeds every row has (pairs CRLN wins).",
+                "",
                 "| iterations | " + " | ".join(methods) + " | margin | train min |",
                 "|---|" + "---|" * len(methods) + "---|---|"]
     lines = list(head)
@@ -143,7 +139,7 @@ def markdown(study: str, table: dict) -> str:
             if c is None:
                 cells += ["-"] + (["-"] if study == "recipe" else [])
                 continue
-            seeds = ", ".join(f"{v:.2f}" for v in c["seeds"].values())
+            seeds = ", ".join(f"s{k} {v:.2f}" for k, v in c["seeds"].items())
             cells.append(f"{c['dice']:.2f} ({seeds})")
             if study == "recipe":
                 v = c.get("vs_baseline")

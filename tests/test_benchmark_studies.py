@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:  # the scripts import each other, as run from there
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -60,7 +63,8 @@ def test_recipe_table_pairs_each_seed_with_its_own_baseline(tmp_path: Path) -> N
     # Pairs (seed, case): +5, -1, +10, 0 points.
     assert np.isclose(change["mean"], 3.5) and change["wins"] == 2 and change["pairs"] == 4
     assert "vs_baseline" not in table["baseline"]["supervised"]
-    assert "+3.50 (2/4)" in study.markdown("recipe", table)
+    text = study.markdown("recipe", table)
+    assert "+3.50 (2/4)" in text and "78.50 (s0 77.00, s1 80.00)" in text
 
 
 def test_la_tables_keep_earlier_runs_of_the_same_protocol(tmp_path: Path) -> None:
