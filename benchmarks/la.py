@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     names = list(evals)
     meta = {"labelled": len(ids["labelled"]), "unlabelled": len(ids["unlabelled"]),
             "preset": args.preset, "iterations": iterations, "seeds": args.seeds,
-            "overrides": args.overrides, "splits": ids, "fold": args.fold,
+            "overrides": args.overrides, "defaults": recipe_defaults(), "splits": ids,
+            "fold": args.fold,
             "cases": {n: len(list((s / "images").iterdir())) for n, s in evals.items()},
             "wall_seconds_this_invocation": time.perf_counter() - start, "jobs": args.jobs,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
@@ -421,7 +422,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # What makes two invocations' runs comparable (the same protocol), so that they share a table.
-PROTOCOL = ("labelled", "unlabelled", "preset", "iterations", "overrides", "fold", "cases")
+PROTOCOL = ("labelled", "unlabelled", "preset", "iterations", "overrides", "defaults", "fold",
+            "cases")
+
+
+def recipe_defaults() -> dict:
+    """The default augmentation and model settings: ``overrides`` alone do not say what a run
+    trained with once a default changes."""
+    from crlnseg.settings import AugmentSettings, ModelSettings
+
+    return {"augment": AugmentSettings().model_dump(mode="json"),
+            "model": ModelSettings().model_dump(mode="json")}
 
 
 def merge_earlier(path: Path, runs: list[dict], meta: dict) -> tuple[list[dict], dict]:

@@ -188,17 +188,18 @@ class AugmentSettings(Strict):
     mirror_p: Triple = Field((0.0, 0.0, 0.0), description="probability of mirroring along X, Y, Z per crop, after the other spatial transforms [0.5 0.5 0.5]")
     spatial_unlabelled: bool = Field(True, description="apply the spatial transforms to the unlabelled weak view too, before the teacher sees it (pseudo-labels stay aligned; voxels from outside the crop are ignored)")
     # nnU-Net's intensity augmentation (data/intensity.py), labelled crops only: on the unlabelled
-    # stream it would change the teacher's weak view. Defaults off; nnU-Net's values in [].
-    gaussian_noise_p: float = Field(0.0, ge=0, le=1, description="probability of Gaussian noise per labelled crop [0.1]")
+    # stream it would change the teacher's weak view. On by default with nnU-Net's probabilities:
+    # it helped supervised training and left CRLN unchanged (benchmarks/RESULTS.md 'recipe').
+    gaussian_noise_p: float = Field(0.1, ge=0, le=1, description="probability of Gaussian noise per labelled crop")
     gaussian_noise_sigma: tuple[float, float] = Field((0.0, 0.1), description="noise sigma range [0 0.1]")
-    blur_p: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur per labelled crop, every channel blurred [0.2, then 0.5 per channel]")
+    blur_p: float = Field(0.2, ge=0, le=1, description="probability of a Gaussian blur per labelled crop, every channel blurred (nnU-Net: each channel with p 0.5)")
     blur_sigma: tuple[float, float] = Field((0.5, 1.0), description="blur sigma range in voxels, drawn per channel [0.5 1]")
-    brightness_p: float = Field(0.0, ge=0, le=1, description="probability of a multiplicative brightness change per labelled crop [0.15]")
+    brightness_p: float = Field(0.15, ge=0, le=1, description="probability of a multiplicative brightness change per labelled crop")
     brightness: tuple[float, float] = Field((0.75, 1.25), description="brightness factor range, drawn per channel [0.75 1.25]")
-    contrast_p: float = Field(0.0, ge=0, le=1, description="probability of a contrast change per labelled crop [0.15]")
+    contrast_p: float = Field(0.15, ge=0, le=1, description="probability of a contrast change per labelled crop")
     contrast: tuple[float, float] = Field((0.75, 1.25), description="contrast factor range around the mean, range kept, drawn per channel [0.75 1.25]")
-    gamma_inverted_p: float = Field(0.0, ge=0, le=1, description="probability of a gamma transform of the inverted intensities per labelled crop [0.1]")
-    gamma_p: float = Field(0.0, ge=0, le=1, description="probability of a gamma transform per labelled crop [0.3]")
+    gamma_inverted_p: float = Field(0.1, ge=0, le=1, description="probability of a gamma transform of the inverted intensities per labelled crop")
+    gamma_p: float = Field(0.3, ge=0, le=1, description="probability of a gamma transform per labelled crop")
     gamma: tuple[float, float] = Field((0.7, 1.5), description="gamma range, drawn per channel, mean and std kept [0.7 1.5]")
 
     @field_validator("rotation")

@@ -20,6 +20,11 @@ RECIPE = {"rotation_p": 1.0, "rotation": (-30.0, 30.0), "scale_p": 1.0, "elastic
           "brightness_p": 1.0, "contrast_p": 1.0, "gamma_inverted_p": 1.0, "gamma_p": 1.0}
 
 
+# Every optional transform off: the paper's views alone.
+OFF = AugmentSettings(**{k: (0.0, 0.0, 0.0) if k == "mirror_p" else 0.0
+                         for k in RECIPE if k.endswith("_p")})
+
+
 def crops(n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 32, 32, 32, generator=g)
@@ -30,10 +35,19 @@ def test_with_everything_off_nothing_changes_and_nothing_is_drawn():
     x, y = crops()
     g = torch.Generator().manual_seed(0)
     before = g.get_state()
-    img, lab = augment_labelled(x, y, AugmentSettings(), g)
-    img_u, inside = augment_unlabelled(x, AugmentSettings(), g)
+    img, lab = augment_labelled(x, y, OFF, g)
+    img_u, inside = augment_unlabelled(x, OFF, g)
     assert img is x and lab is y and img_u is x and inside is None
     assert torch.equal(g.get_state(), before)
+
+
+def test_by_default_labelled_crops_get_intensity_transforms_and_unlabelled_ones_nothing():
+    x, y = crops(n=16)
+    img, lab = augment_labelled(x, y, AugmentSettings(), torch.Generator().manual_seed(0))
+    assert lab is y  # no spatial transform by default: the labels are untouched
+    changed = [not torch.equal(img[i], x[i]) for i in range(len(x))]
+    assert any(changed) and not all(changed)  # each transform is drawn per crop
+    assert augment_unlabelled(x, AugmentSettings(), torch.Generator())[0] is x
 
 
 def test_unlabelled_crops_get_the_spatial_transform_only():

@@ -70,7 +70,8 @@ def test_recipe_table_pairs_each_seed_with_its_own_baseline(tmp_path: Path) -> N
 def test_la_tables_keep_earlier_runs_of_the_same_protocol(tmp_path: Path) -> None:
     la = _load("la")
     meta = {"labelled": 8, "unlabelled": 56, "preset": "cpu", "iterations": 1000,
-            "overrides": [], "fold": 3, "cases": {"validation": 16}, "command": "first"}
+            "overrides": [], "defaults": {"augment": {"gamma_p": 0.0}}, "fold": 3,
+            "cases": {"validation": 16}, "command": "first"}
     path = tmp_path / "la_8_fold3.json"
     earlier = [_run("supervised", 0, {"a": 0.7}), _run("crln", 0, {"a": 0.8})]
     path.write_text(json.dumps({"meta": {**meta, "seeds": [0]}, "runs": earlier}))
@@ -83,6 +84,9 @@ def test_la_tables_keep_earlier_runs_of_the_same_protocol(tmp_path: Path) -> Non
     assert merged["seeds"] == [0, 2] and merged["commands"] == ["first", "second"]
     other, _ = la.merge_earlier(path, [again], {**meta, "iterations": 2000, "seeds": [0]})
     assert other == [again]  # another protocol: nothing merged
+    defaults = {**meta, "seeds": [0], "defaults": la.recipe_defaults()}
+    other, _ = la.merge_earlier(path, [again], defaults)
+    assert other == [again]  # trained under other default settings: nothing merged
 
 
 def test_budget_margins_use_the_seeds_every_budget_has(tmp_path: Path) -> None:

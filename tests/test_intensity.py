@@ -17,8 +17,10 @@ from crlnseg.data.intensity import (
 )
 from crlnseg.settings import AugmentSettings
 
-ALL_ON = AugmentSettings(gaussian_noise_p=1.0, blur_p=1.0, brightness_p=1.0, contrast_p=1.0,
-                         gamma_inverted_p=1.0, gamma_p=1.0)
+P_FIELDS = ("gaussian_noise_p", "blur_p", "brightness_p", "contrast_p", "gamma_inverted_p",
+            "gamma_p")
+ALL_ON = AugmentSettings(**dict.fromkeys(P_FIELDS, 1.0))
+ALL_OFF = AugmentSettings(**dict.fromkeys(P_FIELDS, 0.0))
 
 
 def only(**fields) -> IntensityParams:
@@ -32,7 +34,7 @@ def image(batch: int = 2, channels: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def test_probability_zero_is_the_identity_and_draws_nothing_when_off():
-    off = AugmentSettings()
+    off = ALL_OFF
     assert not intensity_enabled(off) and intensity_enabled(ALL_ON)
     params = draw_intensity_params(3, 2, torch.Generator().manual_seed(0), off)
     assert all(v is None for field in dataclasses.astuple(params) for v in field)
@@ -56,7 +58,7 @@ def test_draws_lie_in_their_ranges():
         assert 0.4 < below < 0.6  # batchgenerators: below 1 half the time
     assert all(0 <= sigma <= 0.1 for _, sigma in p.noise)
     half = draw_intensity_params(400, 1, torch.Generator().manual_seed(2),
-                                 AugmentSettings(gamma_p=0.5))
+                                 ALL_OFF.model_copy(update={"gamma_p": 0.5}))
     share = sum(g is not None for g in half.gamma) / 400
     assert 0.4 < share < 0.6 and all(b is None for b in half.blur)
 
