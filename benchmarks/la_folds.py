@@ -5,9 +5,9 @@ Reads ``la_<L>.json`` (fold 1, cases 65-80), ``la_<L>_fold2.json`` (49-64) and
 ``la_<L>_fold3.json`` (33-48) written by ``benchmarks/la.py --fold N``. Fold 1 chose every
 default (blending sigma, post-processing candidates, settings); ``--report-folds`` (default 2 3)
 are the folds nobody tuned on, whose means are the headline. Intervals: a t-interval over the
-(seed, fold) runs' mean Dice; paired differences: per case and seed, CRLN minus the baseline,
-with a bootstrap 95 % interval over those pairs (10 000 resamples, seed 0) and the share of
-pairs CRLN wins.
+(seed, fold) runs' mean Dice; paired differences: per case and seed, CRLN minus each other
+method (baselines and ablations), with a bootstrap 95 % interval over those pairs (10 000
+resamples, seed 0) and the share of pairs CRLN wins.
 
     python benchmarks/la_folds.py --labelled 8 --out benchmarks/results
 """
@@ -80,8 +80,10 @@ def combine(found: dict[int, dict], report: list[int]) -> dict:
                                   if r["method"] == m]) for m in methods}
     out["runs_per_method"] = {m: sum(r["method"] == m for r in chosen) for m in methods}
     crln = [r for r in chosen if r["method"] == "crln"]
+    # Every other method: the baselines, and the ablations (CRLN minus an ablation > 0 means
+    # the part it removes helps).
     out["paired"] = {base: paired(crln, [r for r in chosen if r["method"] == base])
-                     for base in ("supervised", "mean-teacher") if base in methods}
+                     for base in methods if base != "crln"}
     return out
 
 
@@ -105,7 +107,7 @@ def markdown(res: dict, labelled: int) -> str:
                  + " | ".join(f"**{cell(res['report'][m])}**" if res["report"][m] else "-"
                               for m in methods) + " |")
     lines += ["", f"Paired per case and seed on folds {folds} (CRLN minus baseline, Dice points, "
-              "bootstrap 95 % interval; cases CRLN wins):", ""]
+              "bootstrap 95 % interval; case-seed pairs CRLN wins):", ""]
     for base, p in res["paired"].items():
         if p:
             lines.append(f"- vs {base}: {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "

@@ -103,3 +103,24 @@ def test_budget_margins_use_the_seeds_every_budget_has(tmp_path: Path) -> None:
     assert np.isclose(table["1000"]["margin"]["mean"], 10.0)
     assert np.isclose(table["2000"]["margin"]["mean"], 5.0)
     assert table["1000"]["margin"]["seeds"] == [0]
+
+
+def test_fold_table_pairs_crln_with_baselines_and_ablations_per_fold_and_seed(
+        tmp_path: Path) -> None:
+    folds = _load("la_folds")
+    fold2 = [_run("supervised", 0, {"a": 0.70, "b": 0.80}), _run("crln", 0, {"a": 0.80, "b": 0.78}),
+             _run("crln-no-rectify", 0, {"a": 0.81, "b": 0.70})]
+    # Fold 3 has an extra seed for CRLN only: it has no partner and must not be paired.
+    fold3 = [_run("supervised", 0, {"c": 0.50}), _run("crln", 0, {"c": 0.60}),
+             _run("crln", 1, {"c": 0.10})]
+    (tmp_path / "la_8_fold2.json").write_text(json.dumps({"runs": fold2}))
+    (tmp_path / "la_8_fold3.json").write_text(json.dumps({"runs": fold3}))
+    res = folds.combine(folds.load(tmp_path, 8), [2, 3])
+    sup = res["paired"]["supervised"]
+    # Pairs: +10, -2 (fold 2), +10 (fold 3).
+    assert np.isclose(sup["mean"], 6 / 100) and sup["wins"] == 2 and sup["pairs"] == 3
+    ablation = res["paired"]["crln-no-rectify"]
+    assert np.isclose(ablation["mean"], 3.5 / 100) and ablation["pairs"] == 2
+    assert ablation["wins"] == 1
+    assert res["runs_per_method"] == {"supervised": 2, "crln": 3, "crln-no-rectify": 1}
+    assert "vs crln-no-rectify: +3.50" in folds.markdown(res, 8)
