@@ -10,6 +10,9 @@ method (baselines and ablations), with a bootstrap 95 % interval over those pair
 resamples, seed 0) and the share of pairs CRLN wins.
 
     python benchmarks/la_folds.py --labelled 8 --out benchmarks/results
+
+``--compare DIR`` also pairs each method with the same method's runs in ``DIR`` (per fold, seed
+and case): what a change of recipe did on the folds nobody tuned on.
 """
 
 from __future__ import annotations
@@ -116,19 +119,46 @@ def markdown(res: dict, labelled: int) -> str:
     return "\n".join(lines)
 
 
+def compare(found: dict[int, dict], earlier: dict[int, dict], report: list[int]) -> dict:
+    """Per method, these runs minus the same method's runs in ``earlier`` (another recipe or
+    code state), paired per (fold, seed, case) on the report folds."""
+    def runs(f: dict[int, dict]) -> list[dict]:
+        return [{**r, "fold": fold} for fold, x in f.items() if fold in report for r in x["runs"]]
+
+    now, before = runs(found), runs(earlier)
+    methods = dict.fromkeys(r["method"] for r in now)
+    return {m: paired([r for r in now if r["method"] == m],
+                      [r for r in before if r["method"] == m]) for m in methods}
+
+
+def compare_markdown(changes: dict, earlier: Path) -> str:
+    lines = [f"Change per method against `{earlier}`, paired per case and seed (Dice points, "
+             "bootstrap 95 % interval; case-seed pairs that gain):", ""]
+    lines += [f"- {m}: {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
+              f"{100 * p['ci95'][1]:+.2f}], better on {p['wins']} of {p['pairs']}"
+              for m, p in changes.items() if p]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labelled", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--report-folds", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--compare", type=Path, metavar="DIR",
+                    help="also pair each method with its runs in DIR (an earlier recipe)")
     args = ap.parse_args(argv)
     found = load(args.out, args.labelled)
     report = [f for f in args.report_folds if f in found]
     if not report:
         raise SystemExit(f"no results for folds {args.report_folds} in {args.out}")
     res = combine(found, report)
-    (args.out / f"la_{args.labelled}_folds.json").write_text(json.dumps(res, indent=1) + "\n")
     text = markdown(res, args.labelled)
+    if args.compare:
+        res["compare"] = {"earlier": str(args.compare),
+                          "change": compare(found, load(args.compare, args.labelled), report)}
+        text += "\n\n" + compare_markdown(res["compare"]["change"], args.compare)
+    (args.out / f"la_{args.labelled}_folds.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / f"la_{args.labelled}_folds.md").write_text(text + "\n")
     print(text)
 

@@ -124,3 +124,25 @@ def test_fold_table_pairs_crln_with_baselines_and_ablations_per_fold_and_seed(
     assert ablation["wins"] == 1
     assert res["runs_per_method"] == {"supervised": 2, "crln": 3, "crln-no-rectify": 1}
     assert "vs crln-no-rectify: +3.50" in folds.markdown(res, 8)
+
+
+def test_fold_comparison_pairs_each_method_with_its_earlier_runs(tmp_path: Path) -> None:
+    folds = _load("la_folds")
+    now, before = tmp_path / "now", tmp_path / "before"
+    now.mkdir(), before.mkdir()
+    (now / "la_8_fold2.json").write_text(json.dumps({"runs": [
+        _run("supervised", 0, {"a": 0.80, "b": 0.70}), _run("crln", 0, {"a": 0.90})]}))
+    (before / "la_8_fold2.json").write_text(json.dumps({"runs": [
+        _run("supervised", 0, {"a": 0.70, "b": 0.75}), _run("supervised", 1, {"a": 0.10}),
+        _run("crln", 0, {"a": 0.91})]}))
+    # Fold 1 is not a report fold: its runs must not enter the comparison.
+    (now / "la_8.json").write_text(json.dumps({"runs": [_run("crln", 0, {"z": 0.99})]}))
+    (before / "la_8.json").write_text(json.dumps({"runs": [_run("crln", 0, {"z": 0.10})]}))
+    change = folds.compare(folds.load(now, 8), folds.load(before, 8), [2])
+    assert np.isclose(change["supervised"]["mean"], 2.5 / 100)
+    assert change["supervised"]["wins"] == 1 and change["supervised"]["pairs"] == 2
+    assert np.isclose(change["crln"]["mean"], -1 / 100) and change["crln"]["pairs"] == 1
+    folds.main(["--out", str(now), "--report-folds", "2", "--compare", str(before)])
+    saved = json.loads((now / "la_8_folds.json").read_text())
+    assert saved["compare"]["change"]["crln"]["wins"] == 0
+    assert "- supervised: +2.50" in (now / "la_8_folds.md").read_text()
