@@ -40,11 +40,16 @@ def per_case(run: dict) -> dict[str, float]:
     return {c["case"]: c["dice"] for c in run["validation"]["voxel_cases"] if c["class"] == 1}
 
 
+# A t-interval over two runs is wider than the Dice scale itself (t = 12.7): below three runs the
+# table gives the mean and the number of runs instead.
+MIN_RUNS_FOR_INTERVAL = 3
+
+
 def interval(values: list[float]) -> tuple[float, float, float] | None:
     v = np.asarray(values, float)
     if v.size == 0:
         return None
-    if v.size < 2:
+    if v.size < MIN_RUNS_FOR_INTERVAL:
         return float(v.mean()), float("nan"), float("nan")
     half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
     return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
@@ -106,9 +111,15 @@ def markdown(res: dict, labelled: int) -> str:
                      + " | ".join(cell(row.get(m)) for m in methods) + " |")
     folds = ", ".join(str(f) for f in res["report_folds"])
     runs = res["runs_per_method"].get("crln", 0)
+    def report_cell(m: str) -> str:
+        if not res["report"][m]:
+            return "-"
+        n = res["runs_per_method"][m]
+        note = f" ({n} run{'s' * (n != 1)})" if n != runs else ""
+        return f"**{cell(res['report'][m])}**" + note
+
     lines.append(f"| **folds {folds}** | {runs} run{'s' * (runs != 1)} | "
-                 + " | ".join(f"**{cell(res['report'][m])}**" if res["report"][m] else "-"
-                              for m in methods) + " |")
+                 + " | ".join(report_cell(m) for m in methods) + " |")
     lines += ["", f"Paired per case and seed on folds {folds} (CRLN minus baseline, Dice points, "
               "bootstrap 95 % interval; case-seed pairs CRLN wins):", ""]
     for base, p in res["paired"].items():

@@ -123,7 +123,11 @@ def test_fold_table_pairs_crln_with_baselines_and_ablations_per_fold_and_seed(
     assert np.isclose(ablation["mean"], 3.5 / 100) and ablation["pairs"] == 2
     assert ablation["wins"] == 1
     assert res["runs_per_method"] == {"supervised": 2, "crln": 3, "crln-no-rectify": 1}
-    assert "vs crln-no-rectify: +3.50" in folds.markdown(res, 8)
+    text = folds.markdown(res, 8)
+    assert "vs crln-no-rectify: +3.50" in text
+    # Below three runs a method gets its mean and run count, not a t-interval.
+    assert "**75.50** (1 run)" in text and "**62.50** (2 runs)" in text
+    assert "**62.50 [" not in text
 
 
 def test_fold_comparison_pairs_each_method_with_its_earlier_runs(tmp_path: Path) -> None:
