@@ -7,7 +7,7 @@ default (blending sigma, post-processing candidates, settings); ``--report-folds
 are the folds nobody tuned on, whose means are the headline. Intervals: a t-interval over the
 (seed, fold) runs' mean Dice; paired differences: per case and seed, CRLN minus each other
 method (baselines and ablations), with a bootstrap 95 % interval over those pairs (10 000
-resamples, seed 0) and the share of pairs CRLN wins.
+resamples, seed 0) and the share of pairs CRLN wins; and each ablation minus mean teacher.
 
     python benchmarks/la_folds.py --labelled 8 --out benchmarks/results
 
@@ -92,6 +92,12 @@ def combine(found: dict[int, dict], report: list[int]) -> dict:
     # the part it removes helps).
     out["paired"] = {base: paired(crln, [r for r in chosen if r["method"] == base])
                      for base in methods if base != "crln"}
+    # Each CRLN variant minus mean teacher: what the parts a variant keeps buy over the teacher
+    # alone (crln-dim-only keeps the DIM's relation loss only).
+    teacher = [r for r in chosen if r["method"] == "mean-teacher"]
+    out["over_mean_teacher"] = {
+        m: paired([r for r in chosen if r["method"] == m], teacher)
+        for m in methods if m.startswith("crln-") and teacher}
     return out
 
 
@@ -127,6 +133,13 @@ def markdown(res: dict, labelled: int) -> str:
             lines.append(f"- vs {base}: {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
                          f"{100 * p['ci95'][1]:+.2f}], CRLN better on {p['wins']} of "
                          f"{p['pairs']}")
+    over = {m: p for m, p in res.get("over_mean_teacher", {}).items() if p}
+    if over:
+        lines += ["", f"Each CRLN variant minus mean-teacher on folds {folds}, paired per case "
+                  "and seed (what the parts it keeps buy over the teacher alone):", ""]
+        lines += [f"- {m}: {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
+                  f"{100 * p['ci95'][1]:+.2f}], better on {p['wins']} of {p['pairs']}"
+                  for m, p in over.items()]
     return "\n".join(lines)
 
 

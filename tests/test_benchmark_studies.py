@@ -109,7 +109,8 @@ def test_fold_table_pairs_crln_with_baselines_and_ablations_per_fold_and_seed(
         tmp_path: Path) -> None:
     folds = _load("la_folds")
     fold2 = [_run("supervised", 0, {"a": 0.70, "b": 0.80}), _run("crln", 0, {"a": 0.80, "b": 0.78}),
-             _run("crln-no-rectify", 0, {"a": 0.81, "b": 0.70})]
+             _run("crln-no-rectify", 0, {"a": 0.81, "b": 0.70}),
+             _run("mean-teacher", 0, {"a": 0.75, "b": 0.72})]
     # Fold 3 has an extra seed for CRLN only: it has no partner and must not be paired.
     fold3 = [_run("supervised", 0, {"c": 0.50}), _run("crln", 0, {"c": 0.60}),
              _run("crln", 1, {"c": 0.10})]
@@ -122,12 +123,18 @@ def test_fold_table_pairs_crln_with_baselines_and_ablations_per_fold_and_seed(
     ablation = res["paired"]["crln-no-rectify"]
     assert np.isclose(ablation["mean"], 3.5 / 100) and ablation["pairs"] == 2
     assert ablation["wins"] == 1
-    assert res["runs_per_method"] == {"supervised": 2, "crln": 3, "crln-no-rectify": 1}
+    assert res["runs_per_method"] == {"supervised": 2, "crln": 3, "crln-no-rectify": 1,
+                                      "mean-teacher": 1}
+    # The ablation against the teacher alone: +6, -2 on fold 2's cases.
+    over = res["over_mean_teacher"]
+    assert set(over) == {"crln-no-rectify"} and np.isclose(over["crln-no-rectify"]["mean"], 0.02)
+    assert over["crln-no-rectify"]["wins"] == 1 and over["crln-no-rectify"]["pairs"] == 2
     text = folds.markdown(res, 8)
     assert "vs crln-no-rectify: +3.50" in text
     # Below three runs a method gets its mean and run count, not a t-interval.
     assert "**75.50** (1 run)" in text and "**62.50** (2 runs)" in text
     assert "**62.50 [" not in text
+    assert "- crln-no-rectify: +2.00" in text
 
 
 def test_fold_comparison_pairs_each_method_with_its_earlier_runs(tmp_path: Path) -> None:
