@@ -88,17 +88,33 @@ def paired_cases(a: list[dict], b: list[dict]) -> dict | None:
     return {"mean": float(d.mean()), "wins": int((d > 0).sum()), "pairs": int(d.size)}
 
 
+def variant_runs(path: Path) -> list[dict] | None:
+    """The runs of a variant's table, plus those of ``earlier/<same name>`` beside it: a table of
+    the same recipe from an earlier code state, which la.py keeps apart because its settings
+    were spelled differently (before a default existed, rather than switched off). A run of the
+    current table replaces an earlier one of the same method and seed."""
+    earlier = path.parent / "earlier" / path.name
+    if not path.is_file() and not earlier.is_file():
+        return None
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    if earlier.is_file():
+        mine = {(r["method"], r["seed"]) for r in runs}
+        runs = runs + [r for r in json.loads(earlier.read_text())["runs"]
+                       if (r["method"], r["seed"]) not in mine]
+    return runs
+
+
 def summarise(study: str, out: Path) -> dict:
     rows: dict = {}
     for variant in STUDIES[study]["known"]:
-        path = result_file(out, study, variant)
-        if path.is_file():
-            rows[variant] = json.loads(path.read_text())["runs"]
+        runs = variant_runs(result_file(out, study, variant))
+        if runs is not None:
+            rows[variant] = runs
     table: dict = {}
     for variant, runs in rows.items():
         entry: dict = {}
         for method in dict.fromkeys(r["method"] for r in runs):
-            mine = [r for r in runs if r["method"] == method]
+            mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
             cell = {"seeds": {str(r["seed"]): _dice(r) for r in mine},
                     "dice": float(np.mean([_dice(r) for r in mine])),
                     "train_minutes": float(np.mean([(r["train_seconds"] or np.nan) / 60

@@ -105,6 +105,23 @@ def test_budget_margins_use_the_seeds_every_budget_has(tmp_path: Path) -> None:
     assert table["1000"]["margin"]["seeds"] == [0]
 
 
+def test_budget_variant_joins_its_earlier_code_state_table(tmp_path: Path) -> None:
+    study = _load("la_study")
+    folder = tmp_path / "budget" / "2000"
+    (folder / "earlier").mkdir(parents=True)
+    (folder / "la_8_fold2.json").write_text(json.dumps({"runs": [
+        _run("supervised", 1, {"a": 0.60}), _run("crln", 1, {"a": 0.70}),
+        _run("crln", 0, {"a": 0.85})]}))
+    (folder / "earlier" / "la_8_fold2.json").write_text(json.dumps({"runs": [
+        _run("supervised", 0, {"a": 0.75}), _run("crln", 0, {"a": 0.10})]}))
+    table = study.summarise("budget", tmp_path)
+    # Seed 0's supervised run comes from the earlier table; its CRLN run from the current one.
+    assert table["2000"]["supervised"]["seeds"] == {"1": 60.0, "0": 75.0}
+    assert table["2000"]["crln"]["seeds"] == {"1": 70.0, "0": 85.0}
+    assert np.isclose(table["2000"]["margin"]["mean"], 10.0)
+    assert table["2000"]["margin"]["seeds"] == [0, 1]
+
+
 def test_fold_table_pairs_crln_with_baselines_and_ablations_per_fold_and_seed(
         tmp_path: Path) -> None:
     folds = _load("la_folds")
