@@ -74,6 +74,35 @@ def paired(a: list[dict], b: list[dict]) -> dict:
             "wins": int((d > 0).sum()), "pairs": int(d.size)}
 
 
+def loss_weight(run: dict) -> float | None:
+    """Mean over training of the pseudo-label loss weight: the share of unlabelled voxels whose
+    teacher confidence reaches the threshold, after rectification where the run rectifies."""
+    curve = run.get("reliable") or {}
+    before = curve.get("before", [])
+    after = curve.get("after") or [None] * len(before)
+    # Before rectification starts (the warm-up) and without it, the loss uses the raw share.
+    values = [a if a is not None else b for a, b in zip(after, before, strict=True)]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def pseudo_labels(runs: list[dict], methods: list[str]) -> dict:
+    """Per method: the unlabelled cases' pseudo-label Dice (%) raw and rectified at the last
+    checkpoint, their paired difference over runs, and the mean training loss weight."""
+    out = {}
+    for m in methods:
+        mine = [r for r in runs if r["method"] == m and r.get("pseudo")]
+        if not mine:
+            continue
+        raw = np.array([100 * r["pseudo"]["pseudo_dice_raw"] for r in mine])
+        rect = np.array([100 * r["pseudo"]["pseudo_dice_rectified"] for r in mine])
+        weights = [w for r in mine if (w := loss_weight(r)) is not None]
+        out[m] = {"runs": len(mine), "raw": float(raw.mean()), "rectified": float(rect.mean()),
+                  "gain": float((rect - raw).mean()), "gain_runs": int((rect > raw).sum()),
+                  "loss_weight": float(np.mean(weights)) if weights else None}
+    return out
+
+
 def combine(found: dict[int, dict], report: list[int]) -> dict:
     methods = list(dict.fromkeys(r["method"] for f in found.values() for r in f["runs"]))
     runs = [{**r, "fold": fold} for fold, f in found.items() for r in f["runs"]]
@@ -94,6 +123,7 @@ def combine(found: dict[int, dict], report: list[int]) -> dict:
                      for base in methods if base != "crln"}
     # Each CRLN variant minus mean teacher: what the parts a variant keeps buy over the teacher
     # alone (crln-dim-only keeps the DIM's relation loss only).
+    out["pseudo_labels"] = pseudo_labels(chosen, methods)
     teacher = [r for r in chosen if r["method"] == "mean-teacher"]
     out["over_mean_teacher"] = {
         m: paired([r for r in chosen if r["method"] == m], teacher)
@@ -140,6 +170,18 @@ def markdown(res: dict, labelled: int) -> str:
         lines += [f"- {m}: {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
                   f"{100 * p['ci95'][1]:+.2f}], better on {p['wins']} of {p['pairs']}"
                   for m, p in over.items()]
+    pseudo = res.get("pseudo_labels", {})
+    if pseudo:
+        lines += ["", f"Pseudo-labels of the unlabelled cases on folds {folds}, last checkpoint "
+                  "(Dice %, mean over runs; gain = rectified minus raw, runs it helps); loss "
+                  "weight = share of unlabelled voxels at the confidence threshold, mean over "
+                  "training (rectified where the method trains on rectified labels):", "",
+                  "| method | runs | raw | rectified | gain | loss weight |",
+                  "|---|---|---|---|---|---|"]
+        for m, q in pseudo.items():
+            w = "-" if q["loss_weight"] is None else f"{q['loss_weight']:.3f}"
+            lines.append(f"| {m} | {q['runs']} | {q['raw']:.2f} | {q['rectified']:.2f} | "
+                         f"{q['gain']:+.2f} ({q['gain_runs']}/{q['runs']}) | {w} |")
     return "\n".join(lines)
 
 

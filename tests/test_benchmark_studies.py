@@ -154,6 +154,27 @@ def test_fold_table_pairs_crln_with_baselines_and_ablations_per_fold_and_seed(
     assert "- crln-no-rectify: +2.00" in text
 
 
+def test_fold_table_reports_pseudo_label_gain_and_training_loss_weight() -> None:
+    folds = _load("la_folds")
+    crln = {**_run("crln", 0, {"a": 0.8}),
+            "pseudo": {"pseudo_dice_raw": 0.70, "pseudo_dice_rectified": 0.75},
+            "reliable": {"iteration": [10, 20, 30], "before": [0.0, 0.1, 0.3],
+                         "after": [None, 0.6, 0.8]}}
+    plain = {**_run("crln-no-rectify", 0, {"a": 0.8}),
+             "pseudo": {"pseudo_dice_raw": 0.72, "pseudo_dice_rectified": 0.71},
+             "reliable": {"iteration": [10, 20], "before": [0.2, 0.4], "after": [None, None]}}
+    table = folds.pseudo_labels([crln, plain, _run("supervised", 0, {"a": 0.5})],
+                                ["supervised", "crln", "crln-no-rectify"])
+    assert set(table) == {"crln", "crln-no-rectify"}  # supervised training has no pseudo-labels
+    assert np.isclose(table["crln"]["gain"], 5.0) and table["crln"]["gain_runs"] == 1
+    # The weight is the rectified share where the run trains on rectified labels, else (and in
+    # the warm-up, before rectification starts) the raw one.
+    assert np.isclose(table["crln"]["loss_weight"], 1.4 / 3)
+    assert np.isclose(table["crln-no-rectify"]["loss_weight"], 0.3)
+    assert np.isclose(table["crln-no-rectify"]["gain"], -1.0)
+    assert table["crln-no-rectify"]["gain_runs"] == 0
+
+
 def test_fold_comparison_pairs_each_method_with_its_earlier_runs(tmp_path: Path) -> None:
     folds = _load("la_folds")
     now, before = tmp_path / "now", tmp_path / "before"
