@@ -373,14 +373,18 @@ def main(argv: list[str] | None = None) -> None:
     ids["unlabelled"] = ids["unlabelled"][:args.limit_unlabelled]
     stem_name = f"la_{args.labelled}" + ("" if args.fold == 1 else f"_fold{args.fold}")
     root = args.out / stem_name
+    stem = args.out / stem_name
     # The unlabelled folder holds images only; their labels ("truth") are kept apart, for
     # scoring pseudo-labels with rectify --labels, never for training.
     kinds = {"labelled": ("images", "labels"), "unlabelled": ("images",),
              "unlabelled_truth": ("labels",), "validation": ("images", "labels")}
-    data = {name: link_split(root / "data" / name, ids[name.removesuffix("_truth")], args.data,
-                             kind) for name, kind in kinds.items()}
-    for name in ("labelled", "unlabelled"):
-        data[f"{name}_cache"] = prepare(crlnseg, data[name], root / "prepared" / name)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".lock"), "w") as lock:  # two invocations may share one output
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = {name: link_split(root / "data" / name, ids[name.removesuffix("_truth")],
+                                 args.data, kind) for name, kind in kinds.items()}
+        for name in ("labelled", "unlabelled"):
+            data[f"{name}_cache"] = prepare(crlnseg, data[name], root / "prepared" / name)
     evals = {"validation": data["validation"]}
     if args.test is not None:
         evals["test"] = args.test
@@ -407,8 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             "cases": {n: len(list((s / "images").iterdir())) for n, s in evals.items()},
             "wall_seconds_this_invocation": time.perf_counter() - start, "jobs": args.jobs,
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
-    stem = args.out / stem_name
-    with open(stem.with_suffix(".lock"), "w") as lock:  # two invocations may share one output
+    with open(stem.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         runs, meta = merge_earlier(stem.with_suffix(".json"), runs, meta)
         methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
